@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the test dependencies a fresh Debian machine lacks (mosquitto-clients, mosquitto for the
+# reference runs, paho-mqtt, pytest), then runs every check: format, lints, unit and property tests,
+# integration tests against the real broker binary on both backends, and the paho-mqtt tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v mosquitto_pub >/dev/null 2>&1 || need_apt+=(mosquitto-clients)
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if ! python3 -c 'import paho.mqtt, pytest' >/dev/null 2>&1; then
+  echo "== installing paho-mqtt and pytest"
+  python3 -m pip install -q 'paho-mqtt>=2,<3' pytest
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+echo "== cargo test (unit, property and integration tests)"
+cargo test --workspace --release
+echo "== paho-mqtt tests"
+COREMQ_BIN="$PWD/target/release/coremq" python3 -m pytest -q tests/python

@@ -1,0 +1,604 @@
+//! Broker configuration: a TOML file, overridden by command-line flags, validated into a [`Config`].
+//!
+//! Every problem is reported as exactly one line naming where the bad value came from: the file and
+//! key (with its line number) or the flag. The file is first read into a raw struct whose scalar
+//! fields are `toml::Value`s with spans, so type and range errors are produced here, with the key's
+//! name, rather than by serde (whose messages name neither the key nor, for nested tables, the line).
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::{Spanned, Value};
+
+use crate::cli::Cli;
+use crate::cpus;
+
+/// At most this many worker threads: the core ids are kept in a 64-bit mask.
+pub const MAX_THREADS: usize = 64;
+/// The port of the default listener (MQTT's registered port).
+pub const DEFAULT_PORT: u16 = 1883;
+/// Default for [`Config::connect_timeout`].
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest `connect_timeout` accepted: one day. The bound keeps deadline arithmetic
+/// (`Instant + timeout`) far from overflow.
+pub const MAX_CONNECT_TIMEOUT_SECS: f64 = 86_400.0;
+/// Default for [`Config::max_inflight`] (mosquitto's `max_inflight_messages`).
+pub const DEFAULT_MAX_INFLIGHT: u16 = 20;
+/// Default for [`Config::max_queued_messages`] (mosquitto's `max_queued_messages`).
+pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
+/// Default for [`Config::max_queued_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 << 20;
+/// Default for [`Config::max_packet_size`]: 1 MiB.
+pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
+/// The largest packet MQTT can express: a 268435455-byte remaining length plus the fixed header
+/// (1 type byte and 4 length bytes).
+pub const MAX_PACKET_SIZE_LIMIT: usize = 268_435_460;
+/// The smallest packet size limit that admits any packet (PINGREQ is 2 bytes).
+pub const MIN_PACKET_SIZE_LIMIT: usize = 2;
+/// Default for [`Config::max_keepalive`].
+pub const DEFAULT_MAX_KEEPALIVE: u16 = 65535;
+
+/// Which I/O backend to run the cores on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendChoice {
+    /// io_uring when the kernel allows it, otherwise epoll with a warning.
+    Auto,
+    /// io_uring or a startup error.
+    Uring,
+    /// epoll only.
+    Epoll,
+}
+
+impl BackendChoice {
+    /// The name used in the config file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Uring => "uring",
+            BackendChoice::Epoll => "epoll",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BackendChoice::Auto),
+            "uring" => Ok(BackendChoice::Uring),
+            "epoll" => Ok(BackendChoice::Epoll),
+            _ => Err(format!("\"{s}\" is not one of \"auto\", \"uring\", \"epoll\"")),
+        }
+    }
+}
+
+/// One listening address; every core binds it with `SO_REUSEPORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address and port to listen on.
+    pub bind: SocketAddr,
+    /// Whether clients without credentials may connect. Parsed and kept; authentication (and so
+    /// enforcing `false`) arrives in a later release.
+    pub allow_anonymous: bool,
+}
+
+impl ListenerConfig {
+    fn new(bind: SocketAddr) -> Self {
+        ListenerConfig { bind, allow_anonymous: true }
+    }
+}
+
+/// The validated broker configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Worker threads, 1..=64. Default: the number of cpus in `cpus` if given, else the number of
+    /// cpus this process may run on (capped at 64).
+    pub threads: usize,
+    /// Cpu thread *i* is pinned to (`cpus[i]`); `None` = don't pin.
+    pub cpus: Option<Vec<usize>>,
+    /// I/O backend. Default `Auto`.
+    pub backend: BackendChoice,
+    /// Addresses to listen on; never empty. Default: one on 127.0.0.1:1883 (local only, like mosquitto 2).
+    pub listeners: Vec<ListenerConfig>,
+    /// True when neither the file nor `--listen` named a listener, so main can say how to open up.
+    pub default_listener: bool,
+    /// Time a new connection has to send CONNECT. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Outbound QoS 1/2 messages in flight per client, 1..=65535. Default 20.
+    pub max_inflight: u16,
+    /// Messages queued per session (offline, or beyond the in-flight window), at least 1. Default 1000.
+    pub max_queued_messages: usize,
+    /// Payload bytes queued per session, at least 1. Default 64 MiB.
+    pub max_queued_bytes: usize,
+    /// Largest packet accepted, 2..=268435460 bytes. Default 1 MiB.
+    pub max_packet_size: usize,
+    /// Whether QoS 0 messages are queued for offline persistent sessions. Default false (mosquitto).
+    pub queue_qos0_messages: bool,
+    /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
+    pub max_keepalive: u16,
+    /// The file this came from, if any.
+    pub source: Option<PathBuf>,
+}
+
+/// A configuration error; its `Display` is the one line to print.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads the file named by cli.config (if any), applies defaults, then CLI overrides, then validates.
+pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+    let layer = match &cli.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError(format!("config error: cannot read {}: {}", path.display(), io_message(&e)))
+            })?;
+            parse_file(&text, path)?
+        }
+        None => Layer::default(),
+    };
+    resolve(layer, cli, cpus::allowed_cpus())
+}
+
+/// Same from a TOML string (used by load and tests); `path` only for messages.
+/// Command-line overrides are applied by [`load`], not here.
+pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+    resolve(parse_file(text, path)?, &Cli::default(), cpus::allowed_cpus())
+}
+
+/// `io::Error`'s Display ends in " (os error 2)", which is noise in a one-line message.
+fn io_message(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s.get(..i).unwrap_or(&s).to_string(),
+        None => s,
+    }
+}
+
+/// Where a value came from, so its error can name it.
+#[derive(Clone, Debug)]
+enum Origin {
+    File { path: PathBuf, key: String, line: usize },
+    Flag(&'static str),
+}
+
+impl Origin {
+    fn error(&self, msg: impl fmt::Display) -> ConfigError {
+        match self {
+            Origin::File { path, key, line } => {
+                ConfigError(format!("config error in {}: key \"{key}\": {msg} (line {line})", path.display()))
+            }
+            Origin::Flag(flag) => ConfigError(format!("{flag}: {msg}")),
+        }
+    }
+
+    /// How another value's error refers to this one.
+    fn describe(&self, from: &Origin) -> String {
+        match (self, from) {
+            (Origin::File { key, .. }, Origin::File { .. }) => format!("key \"{key}\""),
+            (Origin::File { path, key, .. }, Origin::Flag(_)) => {
+                format!("key \"{key}\" of {}", path.display())
+            }
+            (Origin::Flag(flag), _) => flag.to_string(),
+        }
+    }
+}
+
+/// The settings given so far (by the file, then the flags); `None` = not given.
+#[derive(Default, Debug)]
+struct Layer {
+    source: Option<PathBuf>,
+    threads: Option<(usize, Origin)>,
+    cpus: Option<(Vec<usize>, Origin)>,
+    backend: Option<BackendChoice>,
+    listeners: Option<Vec<ListenerConfig>>,
+    connect_timeout: Option<Duration>,
+    max_inflight: Option<u16>,
+    max_queued_messages: Option<usize>,
+    max_queued_bytes: Option<usize>,
+    max_packet_size: Option<usize>,
+    queue_qos0_messages: Option<bool>,
+    max_keepalive: Option<u16>,
+}
+
+/// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
+/// with the key's name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    threads: Option<Spanned<Value>>,
+    cpus: Option<Spanned<Value>>,
+    backend: Option<Spanned<Value>>,
+    connect_timeout: Option<Spanned<Value>>,
+    max_inflight: Option<Spanned<Value>>,
+    max_queued_messages: Option<Spanned<Value>>,
+    max_queued_bytes: Option<Spanned<Value>>,
+    max_packet_size: Option<Spanned<Value>>,
+    queue_qos0_messages: Option<Spanned<Value>>,
+    max_keepalive: Option<Spanned<Value>>,
+    listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [[listener]] table")]
+struct RawListener {
+    bind: Option<Spanned<Value>>,
+    allow_anonymous: Option<Spanned<Value>>,
+}
+
+/// An integer setting's accepted range and how to say it.
+struct Range {
+    min: i128,
+    max: i128,
+    /// Appended to the range message to say why the bound exists.
+    why: &'static str,
+}
+
+impl Range {
+    const fn new(min: i128, max: i128) -> Self {
+        Range { min, max, why: "" }
+    }
+
+    fn check(&self, v: i128) -> Result<i128, String> {
+        if (self.min..=self.max).contains(&v) {
+            return Ok(v);
+        }
+        if self.max >= u64::MAX as i128 {
+            Err(format!("must be at least {}{}, got {v}", self.min, self.why))
+        } else {
+            Err(format!("must be between {} and {}{}, got {v}", self.min, self.max, self.why))
+        }
+    }
+}
+
+const THREADS: Range =
+    Range { min: 1, max: MAX_THREADS as i128, why: " (core ids are kept in a 64-bit mask)" };
+const INFLIGHT: Range = Range::new(1, u16::MAX as i128);
+const QUEUED: Range = Range::new(1, usize::MAX as i128);
+const PACKET_SIZE: Range = Range::new(MIN_PACKET_SIZE_LIMIT as i128, MAX_PACKET_SIZE_LIMIT as i128);
+const KEEPALIVE: Range = Range::new(0, u16::MAX as i128);
+
+fn connect_timeout(secs: f64) -> Result<Duration, String> {
+    if secs.is_finite() && secs > 0.0 && secs <= MAX_CONNECT_TIMEOUT_SECS {
+        // Cannot fail: the value is finite, positive and at most one day.
+        Duration::try_from_secs_f64(secs).map_err(|e| e.to_string())
+    } else {
+        Err(format!("must be more than 0 and at most {MAX_CONNECT_TIMEOUT_SECS} seconds, got {secs}"))
+    }
+}
+
+/// Parses a listener address: an IP address and port (`[::1]:1883` for IPv6) or `localhost:PORT`.
+///
+/// Other host names are refused rather than resolved: a DNS lookup at startup can block for a long
+/// time, and a name resolving to several addresses would make "the" listener ambiguous.
+pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            let Some((host, port)) = s.rsplit_once(':') else {
+                return Err(format!("\"{s}\" is not HOST:PORT"));
+            };
+            let port: u16 = port.parse().map_err(|_| format!("\"{s}\" is not HOST:PORT (bad port \"{port}\")"))?;
+            if host.eq_ignore_ascii_case("localhost") {
+                // The IPv4 loopback, like the default listener; "localhost" in /etc/hosts may also
+                // name ::1, and picking one keeps the bound address predictable.
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
+            } else if host.parse::<std::net::Ipv6Addr>().is_ok() {
+                return Err(format!("\"{s}\" is not HOST:PORT (write an IPv6 address in brackets: [{host}]:{port})"));
+            } else if host.is_empty() {
+                return Err(format!("\"{s}\" is not HOST:PORT (no host; use 0.0.0.0:{port} for every interface)"));
+            } else {
+                return Err(format!(
+                    "\"{s}\": HOST must be an IP address or localhost (host names are not resolved)"
+                ));
+            }
+        }
+    };
+    if addr.port() == 0 {
+        // Every core binds the same address with SO_REUSEPORT; port 0 would give each its own port.
+        return Err(format!("\"{s}\": port 0 is not allowed (every core must listen on the same port)"));
+    }
+    Ok(addr)
+}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    let end = offset.min(text.len());
+    text.as_bytes().get(..end).map_or(0, |b| b.iter().filter(|&&c| c == b'\n').count()) + 1
+}
+
+/// The key that the line containing `offset` assigns or the table it opens, for serde errors that
+/// name neither.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset.min(text.len()))?.rfind('\n').map_or(0, |i| i + 1);
+    let line = text.get(start..)?.lines().next()?.trim();
+    let key = if let Some(header) = line.strip_prefix('[') {
+        header.trim_start_matches('[').split(']').next()?
+    } else {
+        line.split('=').next()?
+    };
+    let key = key.trim().trim_matches('"').trim_matches('\'');
+    (!key.is_empty()).then(|| key.to_string())
+}
+
+/// Describes a value for "expected X, got Y" messages.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("string \"{s}\""),
+        Value::Integer(i) => format!("integer {i}"),
+        Value::Float(f) => format!("float {f}"),
+        Value::Boolean(b) => format!("boolean {b}"),
+        Value::Datetime(d) => format!("datetime {d}"),
+        Value::Array(_) => "an array".to_string(),
+        Value::Table(_) => "a table".to_string(),
+    }
+}
+
+/// Turns the file's values into checked settings, naming the file, key and line on error.
+struct FileCtx<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl FileCtx<'_> {
+    fn origin(&self, key: &str, span: std::ops::Range<usize>) -> Origin {
+        Origin::File { path: self.path.to_path_buf(), key: key.to_string(), line: line_of(self.text, span.start) }
+    }
+
+    fn int(&self, key: &str, v: &Spanned<Value>, range: &Range) -> Result<(i128, Origin), ConfigError> {
+        let origin = self.origin(key, v.span());
+        match v.get_ref() {
+            Value::Integer(i) => range.check(i128::from(*i)).map(|i| (i, origin.clone())).map_err(|m| origin.error(m)),
+            other => Err(origin.error(format!("expected an integer, got {}", describe(other)))),
+        }
+    }
+
+    fn string<'v>(&self, key: &str, v: &'v Spanned<Value>) -> Result<(&'v str, Origin), ConfigError> {
+        let origin = self.origin(key, v.span());
+        match v.get_ref() {
+            Value::String(s) => Ok((s, origin)),
+            other => Err(origin.error(format!("expected a string, got {}", describe(other)))),
+        }
+    }
+
+    fn bool(&self, key: &str, v: &Spanned<Value>) -> Result<bool, ConfigError> {
+        match v.get_ref() {
+            Value::Boolean(b) => Ok(*b),
+            other => Err(self.origin(key, v.span()).error(format!("expected true or false, got {}", describe(other)))),
+        }
+    }
+
+    /// Maps toml/serde's multi-line message (with its caret diagram) to one line.
+    fn toml_error(&self, e: &toml::de::Error) -> ConfigError {
+        let path = self.path.display();
+        let msg = e.message().lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join("; ");
+        let at = e.span().map(|s| s.start);
+        let line = at.map(|a| format!(" (line {})", line_of(self.text, a))).unwrap_or_default();
+        if let Some(rest) = msg.strip_prefix("unknown field `") {
+            let key = rest.split('`').next().unwrap_or(rest);
+            // serde's list of expected fields tells which table the key was in.
+            let table = if rest.contains("`allow_anonymous`") { " in [[listener]]" } else { "" };
+            return ConfigError(format!("config error in {path}: unknown key \"{key}\"{table}{line}"));
+        }
+        if msg.starts_with("invalid type") || msg.starts_with("invalid length") {
+            if let Some(key) = at.and_then(|a| key_at(self.text, a)) {
+                return ConfigError(format!("config error in {path}: key \"{key}\": {msg}{line}"));
+            }
+        }
+        ConfigError(format!("config error in {path}: {msg}{line}"))
+    }
+}
+
+/// Parses and checks the file's values (each on its own); cross-checks happen in `resolve`.
+fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
+    let ctx = FileCtx { path, text };
+    let raw: RawFile = toml::from_str(text).map_err(|e| ctx.toml_error(&e))?;
+    let mut layer = Layer { source: Some(path.to_path_buf()), ..Layer::default() };
+
+    if let Some(v) = &raw.threads {
+        let (n, origin) = ctx.int("threads", v, &THREADS)?;
+        layer.threads = Some((usize::try_from(n).unwrap_or(MAX_THREADS), origin));
+    }
+    if let Some(v) = &raw.cpus {
+        let (s, origin) = ctx.string("cpus", v)?;
+        let list = cpus::parse_cpu_list(s).map_err(|m| origin.error(m))?;
+        layer.cpus = Some((list, origin));
+    }
+    if let Some(v) = &raw.backend {
+        let (s, origin) = ctx.string("backend", v)?;
+        layer.backend = Some(BackendChoice::parse(s).map_err(|m| origin.error(m))?);
+    }
+    if let Some(v) = &raw.connect_timeout {
+        let origin = ctx.origin("connect_timeout", v.span());
+        let secs = match v.get_ref() {
+            // i64 -> f64 may round for huge values, which the range check rejects anyway.
+            Value::Integer(i) => *i as f64,
+            Value::Float(f) => *f,
+            other => return Err(origin.error(format!("expected a number of seconds, got {}", describe(other)))),
+        };
+        layer.connect_timeout = Some(connect_timeout(secs).map_err(|m| origin.error(m))?);
+    }
+    if let Some(v) = &raw.max_inflight {
+        let (n, _) = ctx.int("max_inflight", v, &INFLIGHT)?;
+        layer.max_inflight = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(v) = &raw.max_queued_messages {
+        let (n, _) = ctx.int("max_queued_messages", v, &QUEUED)?;
+        layer.max_queued_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = &raw.max_queued_bytes {
+        let (n, _) = ctx.int("max_queued_bytes", v, &QUEUED)?;
+        layer.max_queued_bytes = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = &raw.max_packet_size {
+        let (n, _) = ctx.int("max_packet_size", v, &PACKET_SIZE)?;
+        layer.max_packet_size = Some(usize::try_from(n).unwrap_or(MAX_PACKET_SIZE_LIMIT));
+    }
+    if let Some(v) = &raw.queue_qos0_messages {
+        layer.queue_qos0_messages = Some(ctx.bool("queue_qos0_messages", v)?);
+    }
+    if let Some(v) = &raw.max_keepalive {
+        let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
+        layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(tables) = &raw.listener {
+        if tables.get_ref().is_empty() {
+            return Err(ctx.origin("listener", tables.span()).error(
+                "is empty; give at least one [[listener]] table, or leave the key out for 127.0.0.1:1883",
+            ));
+        }
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for (i, table) in tables.get_ref().iter().enumerate() {
+            // Counted from 1, like the tables as a reader sees them in the file.
+            let name = format!("listener[{}]", i + 1);
+            let entry = table.get_ref();
+            let Some(bind) = &entry.bind else {
+                return Err(ctx.origin(&name, table.span()).error("missing key \"bind\" (HOST:PORT)"));
+            };
+            let key = format!("{name}.bind");
+            let (s, origin) = ctx.string(&key, bind)?;
+            let addr = parse_bind(s).map_err(|m| origin.error(m))?;
+            if let Some(j) = listeners.iter().position(|l| l.bind == addr) {
+                return Err(origin.error(format!("{addr} is already the bind of listener[{}]", j + 1)));
+            }
+            let allow_anonymous = match &entry.allow_anonymous {
+                Some(v) => ctx.bool(&format!("{name}.allow_anonymous"), v)?,
+                None => true,
+            };
+            listeners.push(ListenerConfig { bind: addr, allow_anonymous });
+        }
+        layer.listeners = Some(listeners);
+    }
+    Ok(layer)
+}
+
+/// Applies the flags over the file's layer.
+fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
+    if let Some(n) = cli.threads {
+        let origin = Origin::Flag("--threads");
+        let n = THREADS.check(n as i128).map_err(|m| origin.error(m))?;
+        layer.threads = Some((usize::try_from(n).unwrap_or(MAX_THREADS), origin));
+    }
+    if let Some(s) = &cli.cpus {
+        let origin = Origin::Flag("--cpus");
+        let list = cpus::parse_cpu_list(s).map_err(|m| origin.error(m))?;
+        layer.cpus = Some((list, origin));
+    }
+    if let Some(s) = &cli.backend {
+        layer.backend = Some(BackendChoice::parse(s).map_err(|m| Origin::Flag("--backend").error(m))?);
+    }
+    if !cli.listen.is_empty() {
+        let origin = Origin::Flag("--listen");
+        let mut listeners: Vec<ListenerConfig> = Vec::new();
+        for s in &cli.listen {
+            let addr = parse_bind(s).map_err(|m| origin.error(m))?;
+            if listeners.iter().any(|l| l.bind == addr) {
+                return Err(origin.error(format!("{addr} is given twice")));
+            }
+            listeners.push(ListenerConfig::new(addr));
+        }
+        layer.listeners = Some(listeners);
+    }
+    if let Some(secs) = cli.connect_timeout {
+        layer.connect_timeout = Some(connect_timeout(secs).map_err(|m| Origin::Flag("--connect-timeout").error(m))?);
+    }
+    let flag_int = |v: u64, flag: &'static str, range: &Range| {
+        range.check(i128::from(v)).map_err(|m| Origin::Flag(flag).error(m))
+    };
+    if let Some(v) = cli.max_inflight {
+        let n = flag_int(v, "--max-inflight", &INFLIGHT)?;
+        layer.max_inflight = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(v) = cli.max_queued_messages {
+        let n = flag_int(v, "--max-queued-messages", &QUEUED)?;
+        layer.max_queued_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = cli.max_queued_bytes {
+        let n = flag_int(v, "--max-queued-bytes", &QUEUED)?;
+        layer.max_queued_bytes = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = cli.max_packet_size {
+        let n = flag_int(v, "--max-packet-size", &PACKET_SIZE)?;
+        layer.max_packet_size = Some(usize::try_from(n).unwrap_or(MAX_PACKET_SIZE_LIMIT));
+    }
+    Ok(())
+}
+
+/// Applies the flags, cross-checks threads and cpus against each other and against the cpus this
+/// process may use (`allowed`, a parameter so tests need not depend on the machine), and fills in
+/// the defaults.
+fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Result<Config, ConfigError> {
+    apply_cli(&mut layer, cli)?;
+
+    if let Some((list, origin)) = &layer.cpus {
+        let allowed = allowed
+            .as_ref()
+            .map_err(|e| origin.error(format!("cannot read this process's cpu affinity: {}", io_message(e))))?;
+        if let Some(cpu) = list.iter().find(|c| !allowed.contains(c)) {
+            return Err(origin.error(format!(
+                "cpu {cpu} is not available to this process (allowed: {})",
+                cpus::format_cpu_list(allowed)
+            )));
+        }
+    }
+    let threads = match (&layer.threads, &layer.cpus) {
+        (Some((n, t_origin)), Some((list, c_origin))) => {
+            if *n != list.len() {
+                return Err(t_origin.error(format!(
+                    "{n} threads but {} lists {} cpus ({}); thread i is pinned to the i-th cpu, so give as \
+                     many threads as cpus or leave threads unset",
+                    c_origin.describe(t_origin),
+                    list.len(),
+                    cpus::format_cpu_list(list)
+                )));
+            }
+            *n
+        }
+        (Some((n, _)), None) => *n,
+        (None, Some((list, origin))) => {
+            if list.len() > MAX_THREADS {
+                return Err(origin.error(format!(
+                    "lists {} cpus, one thread each, but at most {MAX_THREADS} threads are supported (core ids \
+                     are kept in a 64-bit mask)",
+                    list.len()
+                )));
+            }
+            list.len()
+        }
+        (None, None) => {
+            // One thread per cpu this process may use, capped (not refused) on larger machines.
+            let n = match &allowed {
+                Ok(list) => list.len(),
+                Err(_) => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            };
+            n.clamp(1, MAX_THREADS)
+        }
+    };
+
+    let default_listener = layer.listeners.is_none();
+    let listeners = layer.listeners.unwrap_or_else(|| {
+        vec![ListenerConfig::new(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT))]
+    });
+    Ok(Config {
+        threads,
+        cpus: layer.cpus.map(|(list, _)| list),
+        backend: layer.backend.unwrap_or(BackendChoice::Auto),
+        listeners,
+        default_listener,
+        connect_timeout: layer.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT),
+        max_inflight: layer.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
+        max_queued_messages: layer.max_queued_messages.unwrap_or(DEFAULT_MAX_QUEUED_MESSAGES),
+        max_queued_bytes: layer.max_queued_bytes.unwrap_or(DEFAULT_MAX_QUEUED_BYTES),
+        max_packet_size: layer.max_packet_size.unwrap_or(DEFAULT_MAX_PACKET_SIZE),
+        queue_qos0_messages: layer.queue_qos0_messages.unwrap_or(false),
+        max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
+        source: layer.source,
+    })
+}

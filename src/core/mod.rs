@@ -1,0 +1,641 @@
+//! One core's world: its connections, the slab of sessions whose client ids hash to it, its partition of
+//! the subscription index, its copy of the retained store, and what it knows of other cores' interests.
+//!
+//! Everything here runs on the core's own thread, inside one `RefCell` borrow per batch of packets: no
+//! locks, no awaits. The runtime (`crate::server`) reads sockets, calls [`Core::handle`] for each decoded
+//! packet, and wakes the writer of every connection whose outbox changed.
+//!
+//! Architecture invariant: a session lives on `home_core(client_id)` and nowhere else, so takeover and
+//! session resumption never need another core's state. Cross-core effects go through `Mesh::stage`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use slab::Slab;
+use smallvec::SmallVec;
+use tokio::sync::Notify;
+
+use crate::io::Conn;
+use crate::protocol::{
+    self, ConnAck, Connect, ConnectReturnCode, Packet, ProtocolVersion, Publish, QoS, SubAck, SubAckCode,
+    Subscribe, Unsubscribe, Utf8Bytes, Will,
+};
+use crate::session::{Delivered, Limits, Message, OutFrame, Outbox, Session};
+use crate::stats::Stats;
+use crate::topic::{valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
+use crate::xcore::{Mesh, XMsg};
+
+/// Broker-wide settings every core reads (a copy per core).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub limits: Limits,
+    pub max_packet_size: usize,
+    pub connect_timeout: Duration,
+    /// Queue QoS 0 messages for offline persistent sessions (mosquitto's `queue_qos0_messages`).
+    pub queue_qos0_messages: bool,
+}
+
+/// The control block of one connection, shared by the core (which fills the outbox) and the
+/// connection's reader and writer tasks.
+pub struct ConnCtl {
+    pub conn: Rc<Conn>,
+    pub outbox: RefCell<Outbox>,
+    /// Wakes the writer task: something was queued, or the connection is closing.
+    pub wake: Notify,
+    closing: Cell<bool>,
+    /// Already in the core's dirty list for this tick.
+    dirty: Cell<bool>,
+}
+
+impl ConnCtl {
+    pub fn new(conn: Rc<Conn>) -> ConnCtl {
+        ConnCtl {
+            conn,
+            outbox: RefCell::new(Outbox::new()),
+            wake: Notify::new(),
+            closing: Cell::new(false),
+            dirty: Cell::new(false),
+        }
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Asks the writer to flush what is queued and then close the socket.
+    pub fn close(&self) {
+        self.closing.set(true);
+        self.wake.notify_one();
+    }
+
+    /// Closes at once (takeover, keep-alive expiry, shutdown): the socket is shut down so that the
+    /// reader's pending read and any stuck write complete now.
+    pub fn kick(&self) {
+        self.close();
+        self.conn.shutdown();
+    }
+}
+
+struct ConnEntry {
+    ctl: Rc<ConnCtl>,
+    last_seen: Instant,
+    /// Close the connection when nothing arrives for this long: `connect_timeout` before CONNECT,
+    /// 1.5 × keep-alive after it, `None` for keep-alive 0.
+    timeout: Option<Duration>,
+    session: Option<usize>,
+    will: Option<Will>,
+    version: ProtocolVersion,
+}
+
+struct SessionEntry {
+    session: Session,
+    /// The connection attached to the session, if the client is online.
+    conn: Option<usize>,
+}
+
+/// What the reader does after a packet.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The client sent DISCONNECT: close without the will.
+    Disconnect,
+    /// A protocol violation: close at once; the will is published.
+    Close(&'static str),
+}
+
+/// How many messages one drain of the inbound rings takes per source before the core goes back to its
+/// sockets, so a flood from one core cannot starve local clients.
+pub const DRAIN_BATCH: usize = 1024;
+
+pub struct Core {
+    pub id: usize,
+    settings: Settings,
+    conns: Slab<ConnEntry>,
+    sessions: Slab<SessionEntry>,
+    by_client: HashMap<Utf8Bytes, usize>,
+    /// Subscriptions of this core's sessions: filter -> (session key, granted QoS).
+    index: SubscriptionIndex<usize, QoS>,
+    /// Filters other cores have subscribers for: filter -> core id.
+    interest: SubscriptionIndex<usize, ()>,
+    /// This core's copy of every retained message (payloads are shared `Bytes`, not copies).
+    retained: RetainedTree<Message>,
+    pub mesh: Mesh,
+    dirty: Vec<Rc<ConnCtl>>,
+    pub stats: Stats,
+    /// Connections handed to this core, waiting for the runtime to spawn their tasks.
+    pub handoffs: Vec<(std::net::TcpStream, Box<Connect>, BytesMut)>,
+    inbound: Vec<XMsg>,
+    assigned_ids: u64,
+    /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
+    frame_buf: BytesMut,
+}
+
+/// The core that owns the session of `client_id`.
+pub fn home_core(client_id: &str, cores: usize) -> usize {
+    // DefaultHasher::new() uses fixed keys: every thread computes the same home for an id.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    client_id.hash(&mut h);
+    (h.finish() % cores.max(1) as u64) as usize
+}
+
+/// Checks a CONNECT before any session work (on the core that read it). `Err` is the CONNACK code to
+/// send before closing; `Ok(false)` means close without an answer (malformed will topic).
+pub fn check_connect(c: &Connect) -> Result<bool, ConnectReturnCode> {
+    if c.client_id.is_empty() && !c.clean_session {
+        // MQTT-3.1.3-8: a zero-byte client id needs clean session.
+        return Err(ConnectReturnCode::IdentifierRejected);
+    }
+    if let Some(w) = &c.will {
+        if !valid_topic_name(w.topic.as_str()) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+impl Core {
+    pub fn new(id: usize, settings: Settings, mesh: Mesh) -> Core {
+        Core {
+            id,
+            settings,
+            conns: Slab::new(),
+            sessions: Slab::new(),
+            by_client: HashMap::new(),
+            index: SubscriptionIndex::new(),
+            interest: SubscriptionIndex::new(),
+            retained: RetainedTree::new(),
+            mesh,
+            dirty: Vec::new(),
+            stats: Stats::new(),
+            handoffs: Vec::new(),
+            inbound: Vec::new(),
+            assigned_ids: 0,
+            frame_buf: BytesMut::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn cores(&self) -> usize {
+        self.mesh.cores()
+    }
+
+    /// A fresh client id for a client that sent an empty one (MQTT-3.1.3-6), unique across cores.
+    pub fn assign_client_id(&mut self) -> Utf8Bytes {
+        self.assigned_ids += 1;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        Utf8Bytes::copy_from_str(&format!("auto-{}-{:x}-{}", self.id, nanos, self.assigned_ids))
+    }
+
+    /// Starts tracking a new connection; it must send CONNECT within `connect_timeout`.
+    pub fn register(&mut self, ctl: Rc<ConnCtl>) -> usize {
+        self.stats.connections += 1;
+        self.conns.insert(ConnEntry {
+            ctl,
+            last_seen: Instant::now(),
+            timeout: Some(self.settings.connect_timeout),
+            session: None,
+            will: None,
+            version: ProtocolVersion::V3_1_1,
+        })
+    }
+
+    /// Whether `key` still names the connection of `ctl` (a swept connection's key may be reused).
+    fn is_current(&self, key: usize, ctl: &Rc<ConnCtl>) -> bool {
+        self.conns.get(key).is_some_and(|c| Rc::ptr_eq(&c.ctl, ctl))
+    }
+
+    /// Forgets a connection that leaves this core before CONNECT completed here (hand-off or refusal).
+    pub fn unregister(&mut self, key: usize, ctl: &Rc<ConnCtl>) {
+        if self.is_current(key, ctl) {
+            self.conns.remove(key);
+        }
+    }
+
+    /// Counts a handed-off connection once: it was counted where it was accepted.
+    pub fn register_handoff(&mut self, ctl: Rc<ConnCtl>) -> usize {
+        let key = self.register(ctl);
+        self.stats.connections -= 1;
+        key
+    }
+
+    pub fn version(&self, key: usize) -> ProtocolVersion {
+        self.conns.get(key).map_or(ProtocolVersion::V3_1_1, |c| c.version)
+    }
+
+    /// Something arrived on the connection: keep-alive restarts.
+    pub fn touch(&mut self, key: usize, now: Instant) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.last_seen = now;
+        }
+    }
+
+    /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
+    /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
+    pub fn connect(&mut self, key: usize, c: Box<Connect>) {
+        let Connect { protocol, clean_session, keep_alive, client_id, will, .. } = *c;
+        let mut session_present = false;
+        if let Some(&skey) = self.by_client.get(&client_id) {
+            // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
+            // both happen inside this one borrow, so no delivery can reach both.
+            if let Some(old) = self.sessions.get_mut(skey).and_then(|s| s.conn.take()) {
+                self.close_conn(old, false);
+            }
+            if clean_session || self.sessions.get(skey).is_some_and(|s| s.session.clean) {
+                self.end_session(skey);
+            } else {
+                session_present = true;
+            }
+        }
+        let skey = match self.by_client.get(&client_id) {
+            Some(&skey) => skey,
+            None => {
+                let s = Session::new(client_id.clone(), clean_session, self.settings.limits);
+                let skey = self.sessions.insert(SessionEntry { session: s, conn: None });
+                self.by_client.insert(client_id, skey);
+                skey
+            }
+        };
+        let Some(entry) = self.conns.get_mut(key) else { return };
+        entry.session = Some(skey);
+        entry.will = will;
+        entry.version = protocol;
+        entry.timeout = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let ctl = entry.ctl.clone();
+        let Some(se) = self.sessions.get_mut(skey) else { return };
+        se.conn = Some(key);
+        {
+            let mut out = ctl.outbox.borrow_mut();
+            out.push_back(OutFrame::Control(Packet::ConnAck(ConnAck {
+                session_present,
+                code: ConnectReturnCode::Accepted,
+            })));
+            se.session.resume(&mut out);
+        }
+        self.mark_dirty(&ctl);
+    }
+
+    /// Handles one packet from an established connection.
+    pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
+        let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
+            return Flow::Close("packet before CONNECT");
+        };
+        match packet {
+            Packet::Publish(p) => self.on_publish(key, skey, p, now),
+            Packet::PubAck(id) => self.with_session(key, skey, |s, out| s.on_puback(id, out)),
+            Packet::PubRec(id) => self.with_session(key, skey, |s, out| s.on_pubrec(id, out)),
+            Packet::PubRel(id) => self.with_session(key, skey, |s, out| s.on_pubrel(id, out)),
+            Packet::PubComp(id) => self.with_session(key, skey, |s, out| s.on_pubcomp(id, out)),
+            Packet::Subscribe(s) => self.on_subscribe(key, skey, s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(key, skey, u),
+            Packet::PingReq => self.reply(key, Packet::PingResp),
+            Packet::Disconnect => Flow::Disconnect,
+            Packet::Connect(_) => Flow::Close("second CONNECT"),
+            Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
+                Flow::Close("server-to-client packet from a client")
+            }
+        }
+    }
+
+    fn reply(&mut self, key: usize, p: Packet) -> Flow {
+        if let Some(c) = self.conns.get(key) {
+            let ctl = c.ctl.clone();
+            ctl.outbox.borrow_mut().push_back(OutFrame::Control(p));
+            self.mark_dirty(&ctl);
+        }
+        Flow::Continue
+    }
+
+    fn with_session(&mut self, key: usize, skey: usize, f: impl FnOnce(&mut Session, &mut Outbox)) -> Flow {
+        let (Some(c), Some(se)) = (self.conns.get(key), self.sessions.get_mut(skey)) else {
+            return Flow::Continue;
+        };
+        let ctl = c.ctl.clone();
+        f(&mut se.session, &mut ctl.outbox.borrow_mut());
+        self.mark_dirty(&ctl);
+        Flow::Continue
+    }
+
+    fn on_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) -> Flow {
+        if !valid_topic_name(p.topic.as_str()) {
+            return Flow::Close("invalid topic name in PUBLISH");
+        }
+        self.stats.msgs_in += 1;
+        let route = match p.qos {
+            QoS::AtMostOnce => true,
+            QoS::AtLeastOnce => {
+                self.reply(key, Packet::PubAck(p.pkid));
+                true
+            }
+            QoS::ExactlyOnce => {
+                let mut first = false;
+                self.with_session(key, skey, |s, out| first = s.on_inbound_qos2(p.pkid, out));
+                first
+            }
+        };
+        if route {
+            let msg = Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
+            self.publish(msg);
+        }
+        Flow::Continue
+    }
+
+    /// Routes a message published by a client of this core (or a will): retained store, local
+    /// subscribers, and every other core with interest (all of them for a retained message, so that
+    /// each core's retained copy stays whole).
+    pub fn publish(&mut self, msg: Message) {
+        let mut mask: u64 = 0;
+        if msg.retain {
+            self.store_retained(&msg);
+            mask = all_cores_mask(self.cores()) & !(1u64 << self.id);
+        } else {
+            let me = self.id;
+            self.interest.for_each_match(msg.topic.as_str(), |core, _| {
+                if core != me {
+                    mask |= 1u64 << core;
+                }
+            });
+        }
+        while mask != 0 {
+            let dst = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            self.mesh.stage(dst, XMsg::Publish(msg.clone()));
+        }
+        self.deliver_local(&msg);
+    }
+
+    fn store_retained(&mut self, msg: &Message) {
+        if msg.payload.is_empty() {
+            self.retained.remove(msg.topic.as_str());
+        } else {
+            self.retained.insert(msg.topic.as_str(), msg.clone());
+        }
+    }
+
+    /// Delivers to this core's matching sessions: once per session at the highest granted QoS.
+    fn deliver_local(&mut self, msg: &Message) {
+        let mut matches: SmallVec<[(usize, QoS); 16]> = SmallVec::new();
+        self.index.for_each_match(msg.topic.as_str(), |skey, &qos| matches.push((skey, qos)));
+        if matches.is_empty() {
+            return;
+        }
+        if matches.len() > 1 {
+            // Overlapping subscriptions of one client: deliver once at the highest QoS (MQTT-3.3.5-1).
+            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+            matches.dedup_by_key(|m| m.0);
+        }
+        let mut shared: Option<bytes::Bytes> = None;
+        for (skey, granted) in matches {
+            let qos = msg.qos.min(granted);
+            self.deliver_to(skey, msg, qos, false, &mut shared);
+        }
+    }
+
+    /// One delivery to one session. `shared` caches the QoS 0 frame of this message on this core.
+    fn deliver_to(&mut self, skey: usize, msg: &Message, qos: QoS, retain: bool, shared: &mut Option<bytes::Bytes>) {
+        let Some(se) = self.sessions.get_mut(skey) else { return };
+        let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
+        let limits = self.settings.limits;
+        match (&ctl, qos) {
+            (Some(ctl), QoS::AtMostOnce) => {
+                let mut out = ctl.outbox.borrow_mut();
+                if out.len() >= limits.max_queued_messages {
+                    // A subscriber that does not read: QoS 0 beyond its bound is dropped and counted.
+                    self.stats.dropped += 1;
+                    return;
+                }
+                if retain {
+                    se.session.deliver(msg.clone(), qos, true, Some(&mut out));
+                } else {
+                    let frame = shared
+                        .get_or_insert_with(|| {
+                            protocol::encode_publish(
+                                &Publish {
+                                    dup: false,
+                                    qos: QoS::AtMostOnce,
+                                    retain: false,
+                                    topic: msg.topic.clone(),
+                                    pkid: 0,
+                                    payload: msg.payload.clone(),
+                                },
+                                &mut self.frame_buf,
+                            );
+                            self.frame_buf.split().freeze()
+                        })
+                        .clone();
+                    out.push_back(OutFrame::Shared { frame, received: msg.received });
+                }
+            }
+            (None, QoS::AtMostOnce) if !self.settings.queue_qos0_messages => return,
+            _ => {
+                let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
+                if se.session.deliver(msg.clone(), qos, retain, guard.as_deref_mut()) == Delivered::Dropped {
+                    self.stats.dropped += 1;
+                }
+            }
+        }
+        if let Some(ctl) = ctl {
+            self.mark_dirty(&ctl);
+        }
+    }
+
+    fn on_subscribe(&mut self, key: usize, skey: usize, sub: Subscribe) -> Flow {
+        let mut codes: SmallVec<[SubAckCode; 2]> = SmallVec::new();
+        let mut granted_filters: SmallVec<[(Utf8Bytes, QoS); 2]> = SmallVec::new();
+        for f in sub.filters {
+            let filter = f.filter.as_str();
+            if !valid_topic_filter(filter) {
+                codes.push(SubAckCode::Failure);
+                continue;
+            }
+            let qos = f.qos;
+            let ins = self.index.insert(filter, skey, qos);
+            if ins.first_for_filter {
+                self.broadcast_interest(filter, true);
+            }
+            if let Some(se) = self.sessions.get_mut(skey) {
+                se.session.subscriptions.insert(filter.into(), qos);
+            }
+            codes.push(SubAckCode::Granted(qos));
+            granted_filters.push((f.filter, qos));
+        }
+        // SUBACK first, then the retained messages (mosquitto's order; the spec allows either).
+        self.reply(key, Packet::SubAck(SubAck { pkid: sub.pkid, codes }));
+        let mut found: SmallVec<[(Message, QoS); 8]> = SmallVec::new();
+        for (filter, granted) in &granted_filters {
+            self.retained.for_each_match(filter.as_str(), |_, m| found.push((m.clone(), *granted)));
+        }
+        for (m, granted) in found {
+            let qos = m.qos.min(granted);
+            self.deliver_to(skey, &m, qos, true, &mut None);
+        }
+        Flow::Continue
+    }
+
+    fn on_unsubscribe(&mut self, key: usize, skey: usize, u: Unsubscribe) -> Flow {
+        for f in &u.filters {
+            self.unsubscribe_one(skey, f.as_str());
+        }
+        self.reply(key, Packet::UnsubAck(u.pkid))
+    }
+
+    fn unsubscribe_one(&mut self, skey: usize, filter: &str) {
+        if let Some(se) = self.sessions.get_mut(skey) {
+            se.session.subscriptions.remove(filter);
+        }
+        if self.index.remove(filter, skey).last_for_filter {
+            self.broadcast_interest(filter, false);
+        }
+    }
+
+    fn broadcast_interest(&mut self, filter: &str, add: bool) {
+        for dst in 0..self.cores() {
+            if dst != self.id {
+                self.mesh.stage(dst, XMsg::Interest { core: self.id, filter: filter.into(), add });
+            }
+        }
+    }
+
+    /// Ends a session: its subscriptions leave the index, its queue is dropped.
+    fn end_session(&mut self, skey: usize) {
+        if !self.sessions.contains(skey) {
+            return;
+        }
+        let se = self.sessions.remove(skey);
+        for filter in se.session.subscriptions.keys() {
+            if self.index.remove(filter, skey).last_for_filter {
+                self.broadcast_interest(filter, false);
+            }
+        }
+        if self.by_client.get(&se.session.client_id) == Some(&skey) {
+            self.by_client.remove(&se.session.client_id);
+        }
+    }
+
+    /// The connection's reader ended. `graceful`: DISCONNECT was received (no will).
+    pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool) {
+        if self.is_current(key, ctl) {
+            self.close_conn(key, graceful);
+        }
+    }
+
+    /// Detaches and closes a connection: publishes its will unless `graceful`, ends a clean session.
+    fn close_conn(&mut self, key: usize, graceful: bool) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let entry = self.conns.remove(key);
+        entry.ctl.kick();
+        if let Some(skey) = entry.session {
+            let attached = self.sessions.get(skey).is_some_and(|s| s.conn == Some(key));
+            if attached {
+                if let Some(se) = self.sessions.get_mut(skey) {
+                    se.conn = None;
+                    if se.session.clean {
+                        self.end_session(skey);
+                    }
+                }
+            }
+        }
+        if let (false, Some(w)) = (graceful, entry.will) {
+            self.stats.msgs_in += 1;
+            self.publish(Message {
+                topic: w.topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                received: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes connections whose keep-alive (or connect timeout) expired. Called about twice a second.
+    pub fn sweep(&mut self, now: Instant) {
+        let expired: SmallVec<[usize; 8]> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.timeout.is_some_and(|t| now.saturating_duration_since(c.last_seen) > t))
+            .map(|(k, _)| k)
+            .collect();
+        for key in expired {
+            // The reader sees the shutdown and calls conn_closed; closing here already publishes the
+            // will and detaches the session, so the reader's later call finds nothing.
+            self.close_conn(key, false);
+        }
+    }
+
+    /// Processes what other cores sent. Returns how many messages were taken.
+    pub fn drain_inbound(&mut self) -> usize {
+        let mut batch = std::mem::take(&mut self.inbound);
+        let n = self.mesh.drain(DRAIN_BATCH, &mut batch);
+        for m in batch.drain(..) {
+            match m {
+                XMsg::Publish(msg) => {
+                    if msg.retain {
+                        self.store_retained(&msg);
+                    }
+                    self.deliver_local(&msg);
+                }
+                XMsg::Interest { core, filter, add } => {
+                    if add {
+                        self.interest.insert(&filter, core, ());
+                    } else {
+                        self.interest.remove(&filter, core);
+                    }
+                }
+                XMsg::Handoff { stream, connect, buffered } => self.handoffs.push((stream, connect, buffered)),
+            }
+        }
+        self.inbound = batch;
+        n
+    }
+
+    fn mark_dirty(&mut self, ctl: &Rc<ConnCtl>) {
+        if !ctl.dirty.replace(true) {
+            self.dirty.push(ctl.clone());
+        }
+    }
+
+    /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
+    pub fn end_batch(&mut self) {
+        for ctl in self.dirty.drain(..) {
+            ctl.dirty.set(false);
+            ctl.wake.notify_one();
+        }
+        self.mesh.flush();
+    }
+
+    /// Whether staged cross-core messages wait for ring space: readers must pause.
+    pub fn is_blocked(&self) -> bool {
+        self.mesh.is_blocked()
+    }
+
+    /// Graceful shutdown: close every connection (no wills: the broker, not the client, is going away).
+    pub fn close_all(&mut self) {
+        for (_, c) in self.conns.iter() {
+            c.ctl.kick();
+        }
+        self.conns.clear();
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+fn all_cores_mask(n: usize) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
+    }
+}

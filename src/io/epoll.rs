@@ -1,0 +1,71 @@
+//! The epoll backend: a tokio `current_thread` runtime. Only this file and `mod.rs` name `tokio::net`.
+//!
+//! Readiness loops (`readable()`/`try_read_buf`, `writable()`/`try_write_vectored`) give the same
+//! owned-buffer shape as the io_uring backend without AsyncRead/AsyncWrite adapters.
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+use tokio::net::TcpStream;
+
+use super::{consume, count_writev, write_zero, MAX_IOVECS};
+
+/// Runs `fut` on a new tokio current_thread runtime, inside a LocalSet so `spawn_local` works.
+pub(super) fn run<F: Future>(fut: F) -> io::Result<F::Output> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Declared after `rt` so it is dropped first: its tasks (and their sockets) go away while
+    // the runtime's I/O driver still exists.
+    let local = tokio::task::LocalSet::new();
+    Ok(rt.block_on(local.run_until(fut)))
+}
+
+/// Reads into the spare capacity of `buf`, after its current contents.
+pub(super) async fn read(s: &TcpStream, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    loop {
+        if let Err(e) = s.readable().await {
+            return (Err(e), buf);
+        }
+        // try_read_buf appends into the BytesMut's spare capacity and advances its length.
+        match s.try_read_buf(&mut buf) {
+            Ok(n) => return (Ok(n), buf),
+            // Readiness was stale (edge-triggered epoll, another reader, spurious wake-up).
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return (Err(e), buf),
+        }
+    }
+}
+
+/// Writes all of `bufs` with writev, at most [`MAX_IOVECS`] buffers per call.
+pub(super) async fn write_all_vectored(s: &TcpStream, mut bufs: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+    // Index of the first buffer not yet fully written; the Vec is cleared once at the end instead
+    // of shifting it after every partial write.
+    let mut head = 0;
+    let res = loop {
+        // Skip empty buffers: a writev of only empty iovecs returns 0, which reads as WriteZero.
+        while bufs.get(head).is_some_and(|b| b.is_empty()) {
+            head += 1;
+        }
+        let Some(pending) = bufs.get_mut(head..).filter(|p| !p.is_empty()) else {
+            break Ok(());
+        };
+        if let Err(e) = s.writable().await {
+            break Err(e);
+        }
+        let written = {
+            let iov: SmallVec<[IoSlice<'_>; 64]> =
+                pending.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
+            count_writev();
+            s.try_write_vectored(&iov)
+        };
+        match written {
+            Ok(0) => break Err(write_zero()),
+            Ok(n) => head += consume(pending, n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => break Err(e),
+        }
+    };
+    bufs.clear();
+    (res, bufs)
+}

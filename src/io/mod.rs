@@ -1,0 +1,374 @@
+//! The socket interface: a narrow, owned-buffer API over two interchangeable single-threaded runtimes.
+//!
+//! Everything the broker needs from a runtime (start it, spawn tasks, sleep, listen, read and write
+//! TCP) goes through this module, so nothing above it names tokio-uring or `tokio::net`. The API is
+//! shaped after io_uring: buffers are handed over by value and come back with the result, because
+//! the kernel owns them while an operation is in flight. The epoll backend follows the same shape
+//! so that callers never know which backend runs.
+//!
+//! The backend is chosen once per process (see [`probe_uring`]); each core thread then calls
+//! [`run`] with it. Types from different backends never meet: a [`Conn`] only crosses threads as a
+//! plain `std::net::TcpStream` ([`Conn::into_std`] / [`Conn::from_std`]).
+
+mod epoll;
+mod probe;
+mod uring;
+
+#[cfg(test)]
+mod tests;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+pub use probe::probe_uring;
+
+/// Most iovecs handed to one `writev` (Linux `IOV_MAX`); longer lists are written in several calls.
+pub const MAX_IOVECS: usize = 1024;
+
+/// Listen backlog of every [`Listener`].
+const BACKLOG: i32 = 1024;
+
+/// Spare capacity added by [`Conn::read`] when the caller passes a full buffer: a read into zero
+/// bytes would return `Ok(0)`, which is indistinguishable from EOF.
+const MIN_READ_SPARE: usize = 4096;
+
+/// Which runtime drives this thread's sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// tokio-uring: io_uring submissions, readiness of the ring itself watched by tokio's epoll.
+    Uring,
+    /// Plain tokio `current_thread` runtime: readiness via epoll, then non-blocking syscalls.
+    Epoll,
+}
+
+thread_local! {
+    /// The backend of the runtime running on this thread, set for the duration of [`run`].
+    static CURRENT: Cell<Option<Backend>> = const { Cell::new(None) };
+}
+
+/// The backend of the runtime running on the calling thread, or `None` outside [`run`].
+pub fn current_backend() -> Option<Backend> {
+    CURRENT.with(Cell::get)
+}
+
+/// The current backend, or an error naming `what` when called outside [`run`].
+fn require_backend(what: &str) -> io::Result<Backend> {
+    current_backend().ok_or_else(|| io::Error::other(format!("{what} called outside coremq::io::run")))
+}
+
+/// Clears [`CURRENT`] when [`run`] ends, also when the root future panics.
+struct CurrentGuard;
+
+impl Drop for CurrentGuard {
+    fn drop(&mut self) {
+        CURRENT.with(|c| c.set(None));
+    }
+}
+
+/// Runs `fut` to completion as the root task of a new single-threaded runtime of `backend` on the
+/// calling thread, and returns its output.
+///
+/// Uring: a tokio-uring runtime whose ring has `COOP_TASKRUN` and `SINGLE_ISSUER` (when the kernel
+/// knows them; never `DEFER_TASKRUN`, which hangs tokio-uring). Epoll: a tokio `current_thread`
+/// runtime with a `LocalSet`. In both, [`spawn_local`], [`sleep`], `tokio::sync` and `tokio::time`
+/// work. Failing to build the runtime (io_uring unavailable, out of memory, a `run` already active
+/// on this thread) is returned as an error, never a panic. Tasks still pending when `fut` finishes
+/// are dropped with the runtime.
+pub fn run<F: Future>(backend: Backend, fut: F) -> io::Result<F::Output> {
+    if let Some(active) = current_backend() {
+        return Err(io::Error::other(format!(
+            "coremq::io::run called on a thread that already runs a {active:?} runtime"
+        )));
+    }
+    CURRENT.with(|c| c.set(Some(backend)));
+    let _guard = CurrentGuard;
+    match backend {
+        Backend::Uring => uring::run(fut),
+        Backend::Epoll => epoll::run(fut),
+    }
+}
+
+/// Spawns a `!Send` task on the current thread's runtime (whichever backend runs). The task is
+/// detached: it runs until it finishes or the runtime is dropped.
+///
+/// # Panics
+/// When called outside [`run`] (a programming error, not something input can cause).
+pub fn spawn_local<F: Future<Output = ()> + 'static>(fut: F) {
+    // Both backends run their root future inside a tokio LocalSet, so tokio's spawn_local serves both.
+    drop(tokio::task::spawn_local(fut));
+}
+
+/// Sleeps for `d`. Both backends are tokio runtimes with the time driver enabled, so tokio's timer
+/// serves both.
+pub async fn sleep(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// Creates a listening TCP socket with `SO_REUSEADDR` and `SO_REUSEPORT` set before `bind`, so that
+/// every core can bind its own listener on the same address and the kernel spreads connections.
+fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A listening TCP socket owned by one core's runtime.
+pub struct Listener {
+    inner: ListenerInner,
+}
+
+enum ListenerInner {
+    Uring(uring::Listener),
+    Epoll(tokio::net::TcpListener),
+}
+
+impl Listener {
+    /// Binds `addr` with `SO_REUSEADDR` + `SO_REUSEPORT` (set before bind) and a backlog of 1024,
+    /// so that each core can bind its own listener on the same address. Must be called inside
+    /// [`run`]; the listener belongs to that runtime.
+    pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
+        let backend = require_backend("Listener::bind")?;
+        let std = bind_std(addr)?;
+        let inner = match backend {
+            Backend::Uring => {
+                // tokio-uring keeps its sockets blocking: io_uring arms a poll internally, and a
+                // blocking fd is what tokio-uring's own bind/accept produce.
+                std.set_nonblocking(false)?;
+                ListenerInner::Uring(uring::Listener::from_std(std))
+            }
+            Backend::Epoll => {
+                std.set_nonblocking(true)?;
+                ListenerInner::Epoll(tokio::net::TcpListener::from_std(std)?)
+            }
+        };
+        Ok(Listener { inner })
+    }
+
+    /// The address the listener is bound to (with the actual port when bound to port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match &self.inner {
+            ListenerInner::Uring(l) => l.local_addr(),
+            ListenerInner::Epoll(l) => l.local_addr(),
+        }
+    }
+
+    /// Waits for the next connection and sets `TCP_NODELAY` on it (MQTT packets are small and
+    /// latency-bound; the broker batches writes itself). Cancel-safe in both backends: dropping
+    /// the future (e.g. in `select!`) loses no connection.
+    pub async fn accept(&self) -> io::Result<(Conn, SocketAddr)> {
+        let (io, peer) = match &self.inner {
+            ListenerInner::Uring(l) => {
+                let (s, peer) = l.accept().await?;
+                // Best effort: a socket without NODELAY still works, and refusing the connection
+                // over it (e.g. the peer already reset it) would only make the accept loop back off.
+                let _ = s.set_nodelay(true);
+                (ConnIo::Uring(s), peer)
+            }
+            ListenerInner::Epoll(l) => {
+                let (s, peer) = l.accept().await?;
+                let _ = s.set_nodelay(true);
+                (ConnIo::Epoll(s), peer)
+            }
+        };
+        Ok((Conn::new(io, Some(peer)), peer))
+    }
+}
+
+/// One TCP connection owned by one core's runtime.
+///
+/// All methods take `&self`, so a reader task and a writer task can share it through an `Rc`; at
+/// most one read and one write should be in flight at a time. Call [`Conn::shutdown`] before the
+/// last `Rc` is dropped.
+///
+/// Cancellation: with io_uring, dropping a `read`/`write_all_vectored` future (a timeout, a
+/// `select!`) does not cancel the kernel operation; a dropped read may still consume data that
+/// nobody sees, a dropped write may still send. Prefer letting them complete (shut the
+/// connection down to make them complete at once); [`Conn::into_std`] refuses connections that
+/// had an operation dropped this way.
+pub struct Conn {
+    io: ConnIo,
+    peer: Option<SocketAddr>,
+    /// Set when an io_uring operation's future was dropped before completion: the kernel still
+    /// owns that operation (tokio-uring does not cancel on drop), so it may still consume data.
+    abandoned: Cell<bool>,
+}
+
+enum ConnIo {
+    Uring(tokio_uring::net::TcpStream),
+    Epoll(tokio::net::TcpStream),
+}
+
+/// Marks the connection as having an abandoned operation unless [`InFlight::done`] is called,
+/// i.e. when the future owning it is dropped while the operation is still with the kernel.
+struct InFlight<'a> {
+    abandoned: &'a Cell<bool>,
+    armed: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn start(abandoned: &'a Cell<bool>) -> Self {
+        InFlight { abandoned, armed: true }
+    }
+
+    fn done(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.abandoned.set(true);
+        }
+    }
+}
+
+impl Conn {
+    fn new(io: ConnIo, peer: Option<SocketAddr>) -> Conn {
+        Conn { io, peer, abandoned: Cell::new(false) }
+    }
+
+    /// Reads into the spare capacity of `buf`, appending after `buf.len()`, and returns how many
+    /// bytes arrived together with the buffer. `Ok(0)` means EOF (or that the connection was shut
+    /// down). The buffer belongs to the kernel until the read completes, io_uring style.
+    ///
+    /// The caller should leave spare capacity; if it does not, 4 KiB are reserved here, because
+    /// a zero-length read would look like EOF.
+    pub async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+        if buf.len() == buf.capacity() {
+            buf.reserve(MIN_READ_SPARE);
+        }
+        match &self.io {
+            ConnIo::Uring(s) => {
+                let op = InFlight::start(&self.abandoned);
+                let out = uring::read(s, buf).await;
+                op.done();
+                out
+            }
+            ConnIo::Epoll(s) => epoll::read(s, buf).await,
+        }
+    }
+
+    /// Writes every byte of every buffer, in order, with `writev` (at most [`MAX_IOVECS`] buffers
+    /// per call), looping on partial writes. Returns the Vec emptied, so that the caller can reuse
+    /// its allocation. On error the unwritten buffers are dropped too: the connection is broken.
+    pub async fn write_all_vectored(&self, bufs: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
+        match &self.io {
+            ConnIo::Uring(s) => {
+                let op = InFlight::start(&self.abandoned);
+                let out = uring::write_all_vectored(s, bufs).await;
+                op.done();
+                out
+            }
+            ConnIo::Epoll(s) => epoll::write_all_vectored(s, bufs).await,
+        }
+    }
+
+    /// Shuts down both directions; errors (e.g. the peer already went away) are ignored.
+    ///
+    /// Must be called before the last `Rc` of a connection is dropped: tokio-uring does not cancel
+    /// an in-flight read on drop, so without this the read (and the fd it holds) would stay
+    /// pending until the peer sends something, forever for a dead peer. After shutdown every
+    /// pending and future read completes at once with `Ok(0)` or an error.
+    pub fn shutdown(&self) {
+        let _ = match &self.io {
+            ConnIo::Uring(s) => s.shutdown(Shutdown::Both),
+            ConnIo::Epoll(s) => socket2::SockRef::from(s).shutdown(Shutdown::Both),
+        };
+    }
+
+    /// The peer's address, as reported when the connection was accepted or adopted.
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        self.peer
+    }
+
+    /// Detaches the socket from this runtime so that another core's runtime can adopt it with
+    /// [`Conn::from_std`] (hand-off of a connection to the core that owns its session).
+    ///
+    /// Only valid when no operation is in flight. If an io_uring operation was abandoned (its
+    /// future dropped before completion) the kernel may still consume data for it, so the
+    /// hand-off is refused: the connection is then shut down and closed, and an error returned.
+    pub fn into_std(self) -> io::Result<std::net::TcpStream> {
+        if self.abandoned.get() {
+            self.shutdown();
+            return Err(io::Error::other(
+                "connection has an abandoned in-flight operation; it cannot be handed off",
+            ));
+        }
+        match self.io {
+            ConnIo::Uring(s) => uring::into_std(s),
+            ConnIo::Epoll(s) => s.into_std(),
+        }
+    }
+
+    /// Adopts a socket detached by [`Conn::into_std`] (possibly on another thread). Must be called
+    /// inside [`run`] on this thread, with that run's `backend`.
+    pub fn from_std(s: std::net::TcpStream, backend: Backend) -> io::Result<Conn> {
+        let running = require_backend("Conn::from_std")?;
+        if running != backend {
+            return Err(io::Error::other(format!(
+                "Conn::from_std for {backend:?} inside a {running:?} runtime"
+            )));
+        }
+        let peer = s.peer_addr().ok();
+        let io = match backend {
+            Backend::Uring => {
+                // See Listener::bind: tokio-uring expects blocking sockets; an epoll-side
+                // into_std would hand over a non-blocking one.
+                s.set_nonblocking(false)?;
+                ConnIo::Uring(tokio_uring::net::TcpStream::from_std(s))
+            }
+            Backend::Epoll => {
+                // tokio requires the caller to set non-blocking mode before from_std.
+                s.set_nonblocking(true)?;
+                ConnIo::Epoll(tokio::net::TcpStream::from_std(s)?)
+            }
+        };
+        Ok(Conn::new(io, peer))
+    }
+}
+
+/// Accounts for `n` bytes written from the front of `bufs`: advances the buffer the write ended
+/// in and returns how many leading buffers were written completely (the caller drops them).
+/// Never panics, even if `n` exceeds the total (it cannot, coming from the kernel).
+fn consume(bufs: &mut [Bytes], mut n: usize) -> usize {
+    let mut full = 0;
+    for b in bufs.iter_mut() {
+        if n >= b.len() {
+            n -= b.len();
+            full += 1;
+        } else {
+            b.advance(n);
+            break;
+        }
+    }
+    full
+}
+
+/// The error for a write that made no progress: the socket accepts no more bytes.
+fn write_zero() -> io::Error {
+    io::Error::new(io::ErrorKind::WriteZero, "writev wrote 0 bytes")
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Number of writev calls (syscalls or io_uring ops) made on this thread; lets tests check
+    /// that the partial-write and iovec-limit loops actually ran.
+    static WRITEV_CALLS: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one writev call (tests only).
+#[inline]
+fn count_writev() {
+    #[cfg(test)]
+    WRITEV_CALLS.with(|c| c.set(c.get() + 1));
+}

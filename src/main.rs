@@ -1,0 +1,184 @@
+//! The `coremq` binary: configuration, one pinned thread per core, signals, and the shutdown report.
+
+use std::process::exit;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::Parser;
+
+use coremq::cli::Cli;
+use coremq::config::{self, BackendChoice, Config};
+use coremq::core::Settings;
+use coremq::io::{self, Backend};
+use coremq::server::{self, CoreSetup, SHUTDOWN};
+use coremq::session::Limits;
+use coremq::stats::Stats;
+use coremq::{cpus, xcore};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn fail(msg: impl std::fmt::Display) -> ! {
+    eprintln!("coremq: {msg}");
+    exit(2)
+}
+
+fn choose_backend(choice: BackendChoice) -> Backend {
+    match choice {
+        BackendChoice::Epoll => Backend::Epoll,
+        BackendChoice::Uring => match io::probe_uring() {
+            Ok(()) => Backend::Uring,
+            Err(why) => fail(format!("--backend uring: io_uring is not available here: {why}")),
+        },
+        BackendChoice::Auto => match io::probe_uring() {
+            Ok(()) => Backend::Uring,
+            Err(why) => {
+                eprintln!("coremq: warning: io_uring is not available ({why}); using the epoll backend");
+                Backend::Epoll
+            }
+        },
+    }
+}
+
+/// Blocks SIGINT and SIGTERM in this thread and, by inheritance, in every worker, so that only
+/// `wait_for_signal` on the main thread receives them.
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and pthread_sigmask only
+    // reads it. All pointers are to live locals.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig: libc::c_int = 0;
+    loop {
+        // SAFETY: `set` was initialised by block_signals and `sig` is a live local.
+        let rc = unsafe { libc::sigwait(set, &mut sig) };
+        if rc == 0 {
+            return sig;
+        }
+    }
+}
+
+fn settings(cfg: &Config) -> Settings {
+    Settings {
+        limits: Limits {
+            max_inflight: cfg.max_inflight,
+            max_queued_messages: cfg.max_queued_messages,
+            max_queued_bytes: cfg.max_queued_bytes,
+        },
+        max_packet_size: cfg.max_packet_size,
+        connect_timeout: cfg.connect_timeout,
+        queue_qos0_messages: cfg.queue_qos0_messages,
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let cfg = config::load(&cli).unwrap_or_else(|e| fail(e));
+    let backend = choose_backend(cfg.backend);
+    let sigset = block_signals();
+
+    let n = cfg.threads;
+    let meshes = xcore::build_mesh(n);
+    let signals = meshes[0].signals().clone();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel();
+    let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.bind).collect();
+    for (id, mesh) in meshes.into_iter().enumerate() {
+        let setup = CoreSetup {
+            id,
+            settings: settings(&cfg),
+            mesh,
+            listeners: addrs.clone(),
+            backend,
+            ready: ready_tx.clone(),
+            done: done_tx.clone(),
+        };
+        let cpu = cfg.cpus.as_ref().and_then(|c| c.get(id).copied());
+        let spawned = std::thread::Builder::new().name(format!("coremq-core-{id}")).spawn(move || {
+            if let Some(cpu) = cpu {
+                if let Err(e) = cpus::pin_current_thread(cpu) {
+                    let _ = setup.ready.send(Err(format!("cannot pin core {id} to cpu {cpu}: {e}")));
+                    return;
+                }
+            }
+            let ready = setup.ready.clone();
+            if let Err(e) = io::run(backend, server::run_core(setup)) {
+                let _ = ready.send(Err(format!("core {id}: cannot start the {backend:?} runtime: {e}")));
+            }
+        });
+        if let Err(e) = spawned {
+            fail(format!("cannot start thread {id}: {e}"));
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..n {
+        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fail(e),
+            Err(_) => fail("a core did not start within 10 s"),
+        }
+    }
+    let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let pinning = match &cfg.cpus {
+        Some(c) => format!(", pinned to cpus {}", cpus::format_cpu_list(c)),
+        None => String::new(),
+    };
+    eprintln!(
+        "coremq: listening on {} ({n} threads, {} backend{pinning}); anonymous clients allowed",
+        listen.join(", "),
+        match backend {
+            Backend::Uring => "io_uring",
+            Backend::Epoll => "epoll",
+        }
+    );
+    if cfg.default_listener {
+        eprintln!(
+            "coremq: only local clients can connect; to listen on other interfaces use --listen 0.0.0.0:1883 \
+             or a [[listener]] bind in a config file"
+        );
+    }
+    let started = std::time::Instant::now();
+
+    let sig = wait_for_signal(&sigset);
+    SHUTDOWN.store(true, Ordering::SeqCst);
+    for s in signals.iter() {
+        s.wake.notify_one();
+    }
+    let mut per_core: Vec<Option<Stats>> = vec![None; n];
+    for _ in 0..n {
+        match done_rx.recv_timeout(Duration::from_secs(5)) {
+            Ok((id, s)) => {
+                if let Some(slot) = per_core.get_mut(id) {
+                    *slot = Some(s);
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let mut all = Stats::new();
+    let mut report = format!(
+        "coremq: shutdown on signal {sig} after {:.1} s\n",
+        started.elapsed().as_secs_f64()
+    );
+    for (id, s) in per_core.iter().enumerate() {
+        match s {
+            Some(s) => {
+                report.push_str(&s.render(&format!("core {id}")));
+                all.merge(s);
+            }
+            None => report.push_str(&format!("core {id}: did not stop within 5 s\n")),
+        }
+    }
+    report.push_str(&all.render("all"));
+    print!("{report}");
+    exit(0);
+}

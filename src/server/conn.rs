@@ -1,0 +1,251 @@
+//! The two tasks of one client connection: the reader (socket -> decoder -> core) and the writer
+//! (outbox -> encoder -> one vectored write per wake-up).
+
+use std::rc::Rc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+
+use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
+use crate::core::{check_connect, home_core, ConnCtl, Flow};
+use crate::io::{self, Conn};
+use crate::protocol::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion};
+use crate::session::{OutFrame, Outbox};
+use crate::xcore::XMsg;
+
+/// First read buffer of a connection. Small, because an io_uring read holds its buffer while the
+/// connection is idle; it doubles when a read fills it, up to [`READ_BUF_MAX`].
+const READ_BUF_INITIAL: usize = 1024;
+const READ_BUF_MAX: usize = 64 * 1024;
+
+/// Makes room for the next read: at least the rest of a partly received packet (bounded by
+/// max_packet_size through `frame_len`) or a growing chunk.
+fn prepare_read(buf: &mut BytesMut, want: &mut usize, max_packet: usize) {
+    let need = match protocol::frame_len(buf, max_packet) {
+        Ok(Some(total)) => total.saturating_sub(buf.len()).min(READ_BUF_MAX),
+        _ => 0,
+    };
+    let spare = buf.capacity() - buf.len();
+    let target = need.max(*want);
+    if spare < target.max(64) {
+        buf.reserve(target);
+    }
+}
+
+/// A new connection on the core that accepted it: waits for CONNECT, checks it, then either serves it
+/// here or hands it to the home core of its client id.
+pub async fn serve_new(core: CoreRef, conn: Conn) {
+    let conn = Rc::new(conn);
+    let ctl = Rc::new(ConnCtl::new(conn.clone()));
+    let key = core.borrow_mut().register(ctl.clone());
+    let max_packet = core.borrow().settings().max_packet_size;
+    let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
+    let mut want = READ_BUF_INITIAL;
+    let connect = loop {
+        prepare_read(&mut buf, &mut want, max_packet);
+        let (res, b) = conn.read(buf).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
+            return refuse(&core, key, &ctl, None).await;
+        }
+        match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
+            Ok(Some(Packet::Connect(c))) => break c,
+            // MQTT-3.1.0-1: the first packet must be CONNECT.
+            Ok(Some(_)) => return refuse(&core, key, &ctl, None).await,
+            Ok(None) => continue,
+            // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01, then the connection closes.
+            Err(DecodeError::UnsupportedProtocolLevel { .. }) => {
+                return refuse(&core, key, &ctl, Some(ConnectReturnCode::UnacceptableProtocolVersion)).await;
+            }
+            Err(_) => return refuse(&core, key, &ctl, None).await,
+        }
+    };
+    let mut connect = connect;
+    match check_connect(&connect) {
+        Err(code) => return refuse(&core, key, &ctl, Some(code)).await,
+        Ok(false) => return refuse(&core, key, &ctl, None).await,
+        Ok(true) => {}
+    }
+    if connect.client_id.is_empty() {
+        connect.client_id = core.borrow_mut().assign_client_id();
+    }
+    let (me, cores) = {
+        let c = core.borrow();
+        (c.id, c.cores())
+    };
+    let home = home_core(connect.client_id.as_str(), cores);
+    if home == me {
+        return established(core, key, ctl, connect, buf).await;
+    }
+    // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
+    core.borrow_mut().unregister(key, &ctl);
+    drop(ctl);
+    let Ok(conn) = Rc::try_unwrap(conn) else { return };
+    match conn.into_std() {
+        Ok(stream) => {
+            let mut c = core.borrow_mut();
+            c.mesh.stage(home, XMsg::Handoff { stream, connect, buffered: buf });
+            c.end_batch();
+            drop(c);
+            schedule_tick(&core);
+        }
+        Err(e) => eprintln!("coremq: core {me}: hand-off failed: {e}"),
+    }
+}
+
+/// A connection handed over by another core, with its CONNECT already read and checked.
+pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: Box<Connect>, buf: BytesMut) {
+    let conn = match Conn::from_std(stream, super::backend()) {
+        Ok(c) => Rc::new(c),
+        Err(e) => {
+            eprintln!("coremq: adopting a handed-off connection failed: {e}");
+            return;
+        }
+    };
+    let ctl = Rc::new(ConnCtl::new(conn));
+    let key = core.borrow_mut().register_handoff(ctl.clone());
+    established(core, key, ctl, connect, buf).await
+}
+
+/// Closes a connection that never got a session, after sending CONNACK `code` if given.
+async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, code: Option<ConnectReturnCode>) {
+    core.borrow_mut().unregister(key, ctl);
+    if let Some(code) = code {
+        let mut out = BytesMut::new();
+        protocol::encode(
+            &Packet::ConnAck(ConnAck { session_present: false, code }),
+            ProtocolVersion::V3_1_1,
+            &mut out,
+        );
+        let _ = ctl.conn.write_all_vectored(vec![out.freeze()]).await;
+    }
+    ctl.conn.shutdown();
+}
+
+/// Serves a connection whose session is on this core until it ends.
+async fn established(core: CoreRef, key: usize, ctl: Rc<ConnCtl>, connect: Box<Connect>, mut buf: BytesMut) {
+    let version = connect.protocol;
+    let max_packet = {
+        let mut c = core.borrow_mut();
+        c.connect(key, connect);
+        c.end_batch();
+        c.settings().max_packet_size
+    };
+    schedule_tick(&core);
+    io::spawn_local(writer(core.clone(), ctl.clone(), version));
+    let mut want = READ_BUF_INITIAL;
+    let graceful = loop {
+        // Decode and handle every complete packet in the buffer, in one borrow of the core.
+        let flow = {
+            let mut c = core.borrow_mut();
+            // Subscriptions and retained messages other cores sent before this data arrived must be
+            // visible to it ("subscribe takes effect at once"), so take them first; usually a no-op.
+            c.drain_inbound();
+            let now = Instant::now();
+            let mut flow = Flow::Continue;
+            while flow == Flow::Continue && !ctl.is_closing() {
+                match protocol::decode(&mut buf, version, max_packet) {
+                    Ok(Some(p)) => flow = c.handle(key, p, now),
+                    Ok(None) => break,
+                    Err(_) => flow = Flow::Close("malformed packet"),
+                }
+            }
+            c.end_batch();
+            flow
+        };
+        after_batch(&core);
+        match flow {
+            Flow::Continue => {}
+            Flow::Disconnect => break true,
+            Flow::Close(_) => break false,
+        }
+        if ctl.is_closing() {
+            break false;
+        }
+        wait_unblocked(&core).await;
+        if buf.capacity() - buf.len() == 0 && want < READ_BUF_MAX {
+            want *= 2;
+        }
+        prepare_read(&mut buf, &mut want, max_packet);
+        let (res, b) = ctl.conn.read(buf).await;
+        buf = b;
+        if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
+            break false;
+        }
+        core.borrow_mut().touch(key, Instant::now());
+    };
+    {
+        let mut c = core.borrow_mut();
+        c.conn_closed(key, &ctl, graceful);
+        c.end_batch();
+    }
+    schedule_tick(&core);
+    ctl.close();
+}
+
+/// Writes the connection's outbox: everything queued since the last write goes out in one vectored
+/// write, so a busy connection costs one syscall (or one ring submission) per loop tick, not per packet.
+async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, version: ProtocolVersion) {
+    let mut iov: Vec<Bytes> = Vec::new();
+    let mut stamps: Vec<Instant> = Vec::new();
+    loop {
+        encode_outbox(&mut ctl.outbox.borrow_mut(), version, &mut iov, &mut stamps);
+        if iov.is_empty() {
+            if ctl.is_closing() {
+                break;
+            }
+            ctl.wake.notified().await;
+            continue;
+        }
+        let (res, v) = ctl.conn.write_all_vectored(std::mem::take(&mut iov)).await;
+        iov = v;
+        iov.clear();
+        if res.is_err() {
+            ctl.kick();
+            break;
+        }
+        if !stamps.is_empty() {
+            let now = Instant::now();
+            let mut c = core.borrow_mut();
+            c.stats.msgs_out += stamps.len() as u64;
+            for s in stamps.drain(..) {
+                c.stats.record_latency(now.saturating_duration_since(s));
+            }
+        }
+    }
+    ctl.conn.shutdown();
+}
+
+/// Turns outbox frames into write buffers. Heads and control packets are encoded into one buffer
+/// allocated per batch; payloads and shared QoS 0 frames are referenced, never copied.
+fn encode_outbox(ob: &mut Outbox, version: ProtocolVersion, iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
+    if ob.is_empty() {
+        return;
+    }
+    let mut head = BytesMut::with_capacity(ob.len() * 32);
+    for f in ob.drain(..) {
+        match f {
+            OutFrame::Shared { frame, received } => {
+                push_head(&mut head, iov);
+                iov.push(frame);
+                stamps.push(received);
+            }
+            OutFrame::Publish { msg, qos, pkid, dup, retain } => {
+                protocol::encode_publish_head(msg.topic.as_str(), qos, pkid, dup, retain, msg.payload.len(), &mut head);
+                if !msg.payload.is_empty() {
+                    push_head(&mut head, iov);
+                    iov.push(msg.payload);
+                }
+                stamps.push(msg.received);
+            }
+            OutFrame::Control(p) => protocol::encode(&p, version, &mut head),
+        }
+    }
+    push_head(&mut head, iov);
+}
+
+fn push_head(head: &mut BytesMut, iov: &mut Vec<Bytes>) {
+    if !head.is_empty() {
+        iov.push(head.split().freeze());
+    }
+}

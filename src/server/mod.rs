@@ -1,0 +1,210 @@
+//! The runtime glue of one core: binds its listeners, accepts connections, runs the cross-core loop,
+//! the keep-alive sweeper and the per-tick wake-up task. Sockets are reached only through `crate::io`.
+
+mod conn;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::core::{Core, Settings};
+use crate::io::{self, Backend, Listener};
+use crate::stats::Stats;
+use crate::xcore::{Mesh, Signal};
+
+/// Set once by the main thread on SIGINT/SIGTERM; every core then stops.
+pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
+
+/// How often keep-alive and connect timeouts are checked. Expiry is therefore detected up to this much
+/// late, which the spec allows ("within one and a half times the keep alive period" is a lower bound).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+
+thread_local! {
+    static BACKEND: Cell<Backend> = const { Cell::new(Backend::Epoll) };
+}
+
+fn backend() -> Backend {
+    BACKEND.with(|b| b.get())
+}
+
+/// A core and the thread-local helpers its tasks share.
+pub struct CoreCell {
+    core: RefCell<Core>,
+    /// Wakes the tick task, which sends the cross-core wake-ups owed at the end of this loop tick.
+    tick: Notify,
+    tick_scheduled: Cell<bool>,
+    /// Readers paused by a full ring wait here; the room task wakes them all.
+    unblocked: Notify,
+}
+
+pub type CoreRef = Rc<CoreCell>;
+
+impl CoreCell {
+    fn borrow(&self) -> std::cell::Ref<'_, Core> {
+        self.core.borrow()
+    }
+    fn borrow_mut(&self) -> std::cell::RefMut<'_, Core> {
+        self.core.borrow_mut()
+    }
+}
+
+/// What one core thread needs to start.
+pub struct CoreSetup {
+    pub id: usize,
+    pub settings: Settings,
+    pub mesh: Mesh,
+    pub listeners: Vec<SocketAddr>,
+    pub backend: Backend,
+    /// Reports whether the listeners could be bound.
+    pub ready: Sender<Result<(), String>>,
+    /// Receives the core's statistics when it stops.
+    pub done: Sender<(usize, Stats)>,
+}
+
+/// Schedules the tick task if a cross-core wake-up is owed. The tick task runs after the tasks that are
+/// ready now, so a whole tick's worth of messages costs one wake-up per destination core.
+fn schedule_tick(core: &CoreRef) {
+    if !core.tick_scheduled.get() && core.borrow().mesh.wake_pending() {
+        core.tick_scheduled.set(true);
+        core.tick.notify_one();
+    }
+}
+
+/// End-of-batch chores of any task that borrowed the core: owe a tick, and start the tasks of
+/// connections other cores handed over (whoever drained the ring found them).
+fn after_batch(core: &CoreRef) {
+    schedule_tick(core);
+    let handoffs = std::mem::take(&mut core.borrow_mut().handoffs);
+    for (stream, connect, buf) in handoffs {
+        io::spawn_local(conn::serve_handoff(core.clone(), stream, connect, buf));
+    }
+}
+
+async fn tick_task(core: CoreRef) {
+    loop {
+        core.tick.notified().await;
+        core.tick_scheduled.set(false);
+        core.borrow_mut().mesh.wake_peers();
+    }
+}
+
+/// Waits while this core has messages that did not fit a ring (backpressure on publishers).
+async fn wait_unblocked(core: &CoreRef) {
+    while core.borrow().is_blocked() {
+        let n = core.unblocked.notified();
+        if !core.borrow().is_blocked() {
+            break;
+        }
+        n.await;
+    }
+}
+
+/// Retries staged messages whenever a consumer signals room, then releases the paused readers.
+async fn room_task(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
+    loop {
+        signals[id].room.notified().await;
+        {
+            let mut c = core.borrow_mut();
+            c.end_batch();
+        }
+        schedule_tick(&core);
+        if !core.borrow().is_blocked() {
+            core.unblocked.notify_waiters();
+        }
+    }
+}
+
+async fn sweeper(core: CoreRef) {
+    loop {
+        io::sleep(SWEEP_INTERVAL).await;
+        {
+            let mut c = core.borrow_mut();
+            c.sweep(Instant::now());
+            c.end_batch();
+        }
+        schedule_tick(&core);
+    }
+}
+
+async fn accept_loop(core: CoreRef, listener: Listener) {
+    loop {
+        match listener.accept().await {
+            Ok((conn, _peer)) => io::spawn_local(conn::serve_new(core.clone(), conn)),
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning; never exit.
+                eprintln!("coremq: core {}: accept failed: {e}", core.borrow().id);
+                io::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The core's main loop: drains the inbound rings, spawns handed-off connections, parks when idle, and
+/// returns on shutdown.
+async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
+    loop {
+        let n = {
+            let mut c = core.borrow_mut();
+            let n = c.drain_inbound();
+            c.end_batch();
+            n
+        };
+        after_batch(&core);
+        if SHUTDOWN.load(Ordering::SeqCst) {
+            return;
+        }
+        if n > 0 {
+            // Let the sockets run between batches so a flood from other cores cannot starve them.
+            tokio::task::yield_now().await;
+            continue;
+        }
+        let wake = signals[id].wake.notified();
+        if core.borrow().mesh.park() {
+            wake.await;
+        }
+        signals[id].parked.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
+pub async fn run_core(setup: CoreSetup) {
+    let CoreSetup { id, settings, mesh, listeners, backend, ready, done } = setup;
+    BACKEND.with(|b| b.set(backend));
+    let mut bound = Vec::new();
+    for addr in &listeners {
+        match Listener::bind(*addr) {
+            Ok(l) => bound.push(l),
+            Err(e) => {
+                let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
+                return;
+            }
+        }
+    }
+    let signals = mesh.signals().clone();
+    let core: CoreRef = Rc::new(CoreCell {
+        core: RefCell::new(Core::new(id, settings, mesh)),
+        tick: Notify::new(),
+        tick_scheduled: Cell::new(false),
+        unblocked: Notify::new(),
+    });
+    for l in bound {
+        io::spawn_local(accept_loop(core.clone(), l));
+    }
+    io::spawn_local(sweeper(core.clone()));
+    io::spawn_local(tick_task(core.clone()));
+    io::spawn_local(room_task(core.clone(), signals.clone(), id));
+    let _ = ready.send(Ok(()));
+    xcore_loop(core.clone(), signals, id).await;
+    let stats = {
+        let mut c = core.borrow_mut();
+        c.close_all();
+        c.stats.clone()
+    };
+    let _ = done.send((id, stats));
+}

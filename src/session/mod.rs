@@ -1,0 +1,286 @@
+//! One client's session state and its QoS 1/2 state machines. Pure code: no I/O, no clock reads.
+//!
+//! The session decides *what* to send (which packet id, whether DUP is set, what waits in the queue);
+//! the core decides *where* (the connection's outbox) and the writer task encodes and writes it.
+//!
+//! Architecture invariant: a `Session` is owned by exactly one core (the home core of its client id) and
+//! is never shared or sent across threads.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::protocol::{Packet, QoS, Utf8Bytes};
+
+/// An application message as it travels through the broker. Cloning bumps reference counts: the payload
+/// is never copied per subscriber.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub topic: Utf8Bytes,
+    pub payload: Bytes,
+    /// The QoS the publisher used; each delivery uses min(this, granted).
+    pub qos: QoS,
+    /// The publisher's retain flag (what is stored as retained); live deliveries always send retain=0.
+    pub retain: bool,
+    /// When the PUBLISH was read from the publisher's socket: the start of in-broker latency.
+    pub received: Instant,
+}
+
+/// One item of a connection's outbox, encoded by the writer task at flush time.
+#[derive(Debug)]
+pub enum OutFrame {
+    /// A complete QoS 0 PUBLISH encoded once per message and shared by every QoS 0 subscriber of it.
+    Shared { frame: Bytes, received: Instant },
+    /// A PUBLISH whose head (packet id, flags) is per subscriber; the payload `Bytes` is still shared.
+    Publish { msg: Message, qos: QoS, pkid: u16, dup: bool, retain: bool },
+    /// Any other packet the broker sends (acks, CONNACK, SUBACK, PINGRESP …).
+    Control(Packet),
+}
+
+/// The queue of frames waiting for the connection's writer.
+pub type Outbox = VecDeque<OutFrame>;
+
+/// Per-session limits, from config.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Outbound QoS 1/2 messages sent but not yet completed (mosquitto's `max_inflight_messages`).
+    pub max_inflight: u16,
+    /// Messages waiting beyond the in-flight window or while offline.
+    pub max_queued_messages: usize,
+    /// Payload bytes waiting beyond the in-flight window or while offline.
+    pub max_queued_bytes: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)] // the names follow the packet each stage waits for
+enum Stage {
+    /// QoS 1 sent, waiting for PUBACK.
+    AwaitPubAck,
+    /// QoS 2 sent, waiting for PUBREC.
+    AwaitPubRec,
+    /// PUBREL sent, waiting for PUBCOMP. The payload is no longer needed.
+    AwaitPubComp,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    pkid: u16,
+    stage: Stage,
+    qos: QoS,
+    retain: bool,
+    /// `None` once PUBREC arrived: from then on only the packet id matters.
+    msg: Option<Message>,
+}
+
+#[derive(Debug)]
+struct Queued {
+    msg: Message,
+    qos: QoS,
+    retain: bool,
+}
+
+/// What became of a message handed to [`Session::deliver`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivered {
+    /// Put in the outbox now.
+    Sent,
+    /// Waiting in the session queue (window full, or the client is offline).
+    Queued,
+    /// The queue was full: dropped (newest-dropped policy, like mosquitto) and counted.
+    Dropped,
+}
+
+/// A client's session: subscriptions, outbound QoS 1/2 flows, the queue behind them, and inbound QoS 2
+/// packet ids awaiting PUBREL.
+#[derive(Debug)]
+pub struct Session {
+    pub client_id: Utf8Bytes,
+    /// Clean session (3.1.1): the session ends with the connection.
+    pub clean: bool,
+    /// Filter -> granted QoS; mirrored in the core's subscription index.
+    pub subscriptions: HashMap<Box<str>, QoS>,
+    limits: Limits,
+    /// Flows awaiting PUBACK/PUBREC in send order; a flow moves to the back when its first PUBREC
+    /// arrives, so flows awaiting PUBCOMP are in PUBREC order (the resend orders of MQTT-4.6.0-1 and
+    /// -4). The window is small (20 by default) and acks usually come in order, so a linear search
+    /// finds the packet id quickly.
+    inflight: VecDeque<Inflight>,
+    queue: VecDeque<Queued>,
+    queued_bytes: usize,
+    next_pkid: u16,
+    /// Inbound QoS 2 packet ids whose PUBLISH was routed and whose PUBREL has not arrived: a resent
+    /// PUBLISH with one of these ids is acknowledged but not routed again (exactly once). At most 65,535.
+    inbound_qos2: HashSet<u16>,
+    /// Messages dropped because the queue was full, over the session's life.
+    pub dropped: u64,
+}
+
+impl Session {
+    pub fn new(client_id: Utf8Bytes, clean: bool, limits: Limits) -> Session {
+        Session {
+            client_id,
+            clean,
+            subscriptions: HashMap::new(),
+            limits,
+            inflight: VecDeque::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            next_pkid: 1,
+            inbound_qos2: HashSet::new(),
+            dropped: 0,
+        }
+    }
+
+    /// Hands a message to the session at `qos` (already min(publish, granted)). `out` is the connection's
+    /// outbox when the client is connected, `None` while it is offline.
+    pub fn deliver(&mut self, msg: Message, qos: QoS, retain: bool, out: Option<&mut Outbox>) -> Delivered {
+        match out {
+            Some(out) if self.queue.is_empty() && self.window_open(qos) => {
+                self.send(msg, qos, retain, out);
+                Delivered::Sent
+            }
+            _ => self.enqueue(msg, qos, retain),
+        }
+    }
+
+    fn window_open(&self, qos: QoS) -> bool {
+        qos == QoS::AtMostOnce || self.inflight.len() < usize::from(self.limits.max_inflight)
+    }
+
+    fn enqueue(&mut self, msg: Message, qos: QoS, retain: bool) -> Delivered {
+        let len = msg.payload.len();
+        if self.queue.len() >= self.limits.max_queued_messages
+            || self.queued_bytes.saturating_add(len) > self.limits.max_queued_bytes
+        {
+            self.dropped += 1;
+            return Delivered::Dropped;
+        }
+        self.queued_bytes += len;
+        self.queue.push_back(Queued { msg, qos, retain });
+        Delivered::Queued
+    }
+
+    fn send(&mut self, msg: Message, qos: QoS, retain: bool, out: &mut Outbox) {
+        if qos == QoS::AtMostOnce {
+            out.push_back(OutFrame::Publish { msg, qos, pkid: 0, dup: false, retain });
+            return;
+        }
+        let pkid = self.alloc_pkid();
+        let stage = if qos == QoS::AtLeastOnce { Stage::AwaitPubAck } else { Stage::AwaitPubRec };
+        out.push_back(OutFrame::Publish { msg: msg.clone(), qos, pkid, dup: false, retain });
+        self.inflight.push_back(Inflight { pkid, stage, qos, retain, msg: Some(msg) });
+    }
+
+    /// The next packet id not in flight. The window is capped at 65,535 (config validates
+    /// `max_inflight` ≤ 65,535), so there is always one free when the window is open.
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.iter().any(|f| f.pkid == id) {
+                return id;
+            }
+        }
+    }
+
+    /// Moves queued messages into the window while it has room.
+    fn pump(&mut self, out: &mut Outbox) {
+        while let Some(front) = self.queue.front() {
+            if !self.window_open(front.qos) {
+                break;
+            }
+            let Some(q) = self.queue.pop_front() else { break };
+            self.queued_bytes -= q.msg.payload.len();
+            self.send(q.msg, q.qos, q.retain, out);
+        }
+    }
+
+    fn position(&self, pkid: u16, stage: Stage) -> Option<usize> {
+        self.inflight.iter().position(|f| f.pkid == pkid && f.stage == stage)
+    }
+
+    /// PUBACK from the client. An unknown packet id is ignored (3.1.1 names no answer; mosquitto ignores it).
+    pub fn on_puback(&mut self, pkid: u16, out: &mut Outbox) {
+        if let Some(i) = self.position(pkid, Stage::AwaitPubAck) {
+            self.inflight.remove(i);
+            self.pump(out);
+        }
+    }
+
+    /// PUBREC from the client: answer PUBREL and keep only the packet id.
+    pub fn on_pubrec(&mut self, pkid: u16, out: &mut Outbox) {
+        if let Some(i) = self.position(pkid, Stage::AwaitPubRec) {
+            // To the back: a resume must resend PUBRELs in the order the PUBRECs came (MQTT-4.6.0-4),
+            // which can differ from send order. The other flows keep their relative order.
+            if let Some(mut f) = self.inflight.remove(i) {
+                f.stage = Stage::AwaitPubComp;
+                f.msg = None;
+                self.inflight.push_back(f);
+            }
+            out.push_back(OutFrame::Control(Packet::PubRel(pkid)));
+        } else if self.position(pkid, Stage::AwaitPubComp).is_some() {
+            // A PUBREC resent after our PUBREL got lost in a reconnect: PUBREL again.
+            out.push_back(OutFrame::Control(Packet::PubRel(pkid)));
+        }
+    }
+
+    /// PUBCOMP from the client: the QoS 2 flow is complete.
+    pub fn on_pubcomp(&mut self, pkid: u16, out: &mut Outbox) {
+        if let Some(i) = self.position(pkid, Stage::AwaitPubComp) {
+            self.inflight.remove(i);
+            self.pump(out);
+        }
+    }
+
+    /// An inbound QoS 2 PUBLISH: answers PUBREC and returns whether it must be routed (false for a
+    /// resend of a packet id still awaiting PUBREL: exactly once).
+    pub fn on_inbound_qos2(&mut self, pkid: u16, out: &mut Outbox) -> bool {
+        out.push_back(OutFrame::Control(Packet::PubRec(pkid)));
+        self.inbound_qos2.insert(pkid)
+    }
+
+    /// PUBREL from the client: forget the packet id and answer PUBCOMP (also for an unknown id, so that a
+    /// client retrying after a reconnect can finish its flow).
+    pub fn on_pubrel(&mut self, pkid: u16, out: &mut Outbox) {
+        self.inbound_qos2.remove(&pkid);
+        out.push_back(OutFrame::Control(Packet::PubComp(pkid)));
+    }
+
+    /// The client reconnected to this session: resend what is in flight (PUBLISH with DUP, or PUBREL where
+    /// PUBREC already came), PUBLISHes in send order and PUBRELs in PUBREC order, then fill the window
+    /// from the queue.
+    pub fn resume(&mut self, out: &mut Outbox) {
+        for f in &self.inflight {
+            match (&f.msg, f.stage) {
+                (_, Stage::AwaitPubComp) | (None, _) => {
+                    out.push_back(OutFrame::Control(Packet::PubRel(f.pkid)))
+                }
+                (Some(m), _) => out.push_back(OutFrame::Publish {
+                    msg: m.clone(),
+                    qos: f.qos,
+                    pkid: f.pkid,
+                    dup: true,
+                    retain: f.retain,
+                }),
+            }
+        }
+        self.pump(out);
+    }
+
+    /// Outbound QoS 1/2 messages sent and not yet completed.
+    pub fn inflight_len(&self) -> usize {
+        self.inflight.len()
+    }
+
+    pub fn queued_len(&self) -> usize {
+        self.queue.len()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+}
+
+#[cfg(test)]
+mod tests;

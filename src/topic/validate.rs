@@ -1,0 +1,201 @@
+//! Validation of topic names and filters, and the reference matcher.
+
+/// Longest topic name or filter in bytes: its length is a 16-bit prefix on the wire (MQTT 3.1.1 §1.5.3).
+pub const MAX_TOPIC_LEN: usize = 65_535;
+
+/// Whether `s` is a valid topic name for a PUBLISH (MQTT 3.1.1 §4.7): non-empty (MQTT-4.7.3-1), no '+' or
+/// '#' (MQTT-3.3.2-2), no U+0000 (MQTT-1.5.3-2; the codec already rejects it, checked again here so this
+/// function is complete on its own), at most 65,535 bytes.
+pub fn valid_topic_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_TOPIC_LEN && !s.bytes().any(|b| matches!(b, b'+' | b'#' | b'\0'))
+}
+
+/// Whether `s` is a valid topic filter for a SUBSCRIBE or UNSUBSCRIBE (MQTT 3.1.1 §4.7.1): non-empty, at most
+/// 65,535 bytes, no U+0000, '#' only as the whole last level (MQTT-4.7.1-2) and '+' only as a whole level
+/// (MQTT-4.7.1-3).
+///
+/// `$share/...` filters are accepted as ordinary filters for now; shared subscriptions (v5) will be parsed
+/// by the caller before reaching this module.
+pub fn valid_topic_filter(s: &str) -> bool {
+    if s.is_empty() || s.len() > MAX_TOPIC_LEN || s.contains('\0') {
+        return false;
+    }
+    let mut levels = s.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') {
+            if level != "#" || levels.peek().is_some() {
+                return false;
+            }
+        } else if level.contains('+') && level != "+" {
+            return false;
+        }
+    }
+    true
+}
+
+/// Whether `filter` matches `topic`, MQTT 3.1.1 §4.7.
+///
+/// `+` matches exactly one level, which may be empty; `#` matches its parent level and any number of child
+/// levels ("sport/#" matches "sport"); a filter whose first character is a wildcard does not match a topic
+/// whose first character is '$' (MQTT-4.7.2-1).
+///
+/// This is the reference implementation, written for clarity: the tries are property-tested against it.
+/// Both arguments are expected to be valid (see [`valid_topic_filter`] and [`valid_topic_name`]); on invalid
+/// input it still returns an answer without panicking.
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut topic_levels = topic.split('/');
+    loop {
+        match filter_levels.next() {
+            None => return topic_levels.next().is_none(),
+            // '#' matches whatever is left, including nothing (the parent level itself).
+            Some("#") => return true,
+            Some("+") => {
+                if topic_levels.next().is_none() {
+                    return false;
+                }
+            }
+            Some(level) => {
+                if topic_levels.next() != Some(level) {
+                    return false;
+                }
+            }
+        }
+    }
+}
+
+/// Number of levels of a topic name or filter: one more than the number of '/' ("a" has 1, "/a" and "a/"
+/// have 2, "" has 1).
+pub fn level_count(s: &str) -> usize {
+    s.bytes().filter(|&b| b == b'/').count().saturating_add(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_names() {
+        for ok in ["a", "/", "a/b", "/finance", "sport/tennis/", "$SYS/x", " ", "é/ü", "//"] {
+            assert!(valid_topic_name(ok), "{ok:?} should be valid");
+        }
+        for bad in ["", "a/+", "+", "#", "a/#", "a+b", "a#", "a\0b"] {
+            assert!(!valid_topic_name(bad), "{bad:?} should be invalid");
+        }
+        assert!(valid_topic_name(&"a".repeat(MAX_TOPIC_LEN)));
+        assert!(!valid_topic_name(&"a".repeat(MAX_TOPIC_LEN + 1)));
+    }
+
+    #[test]
+    fn topic_filters() {
+        // §4.7.1.2 / §4.7.1.3 examples and some more.
+        for ok in [
+            "#",
+            "sport/tennis/#",
+            "sport/#",
+            "+",
+            "+/tennis/#",
+            "sport/+/player1",
+            "/+",
+            "+/+",
+            "a//b",
+            "/",
+            "$SYS/#",
+            "$share/group/a/+",
+            "+/#",
+            "a/b",
+        ] {
+            assert!(valid_topic_filter(ok), "{ok:?} should be valid");
+        }
+        for bad in [
+            "",
+            "sport/tennis#",
+            "sport/tennis/#/ranking",
+            "sport+",
+            "a/+b",
+            "#/a",
+            "##",
+            "a/#/",
+            "++",
+            "a\0",
+        ] {
+            assert!(!valid_topic_filter(bad), "{bad:?} should be invalid");
+        }
+        assert!(valid_topic_filter(&"+/".repeat(30_000)[..59_999]));
+        assert!(!valid_topic_filter(&"a".repeat(MAX_TOPIC_LEN + 1)));
+    }
+
+    #[test]
+    fn spec_examples_multi_level() {
+        // §4.7.1.2
+        for t in
+            ["sport/tennis/player1", "sport/tennis/player1/ranking", "sport/tennis/player1/score/wimbledon"]
+        {
+            assert!(matches("sport/tennis/player1/#", t));
+        }
+        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
+        assert!(!matches("sport/tennis/player1/#", "sport/tennis/player2"));
+        assert!(matches("sport/#", "sport"));
+        assert!(matches("sport/#", "sport/"));
+        assert!(!matches("sport/#", "sports"));
+        assert!(matches("#", "a/b/c"));
+        assert!(matches("#", "/"));
+    }
+
+    #[test]
+    fn spec_examples_single_level() {
+        // §4.7.1.3
+        assert!(matches("sport/tennis/+", "sport/tennis/player1"));
+        assert!(matches("sport/tennis/+", "sport/tennis/player2"));
+        assert!(!matches("sport/tennis/+", "sport/tennis/player1/ranking"));
+        assert!(!matches("sport/+", "sport"));
+        assert!(matches("sport/+", "sport/"));
+        assert!(matches("+/+", "/finance"));
+        assert!(matches("/+", "/finance"));
+        assert!(!matches("+", "/finance"));
+        assert!(matches("+", ""));
+        assert!(matches("+/tennis/#", "sport/tennis"));
+        assert!(matches("+/tennis/#", "sport/tennis/x/y"));
+        assert!(!matches("+/tennis/#", "sport/golf"));
+    }
+
+    #[test]
+    fn dollar_topics() {
+        // §4.7.2
+        assert!(!matches("#", "$SYS/x"));
+        assert!(!matches("+/monitor/Clients", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/#", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/#", "$SYS"));
+        assert!(!matches("+", "$"));
+        // Only the first level is special.
+        assert!(matches("a/+", "a/$x"));
+        assert!(matches("a/#", "a/$x"));
+    }
+
+    #[test]
+    fn exact_and_empty_levels() {
+        assert!(matches("a/b", "a/b"));
+        assert!(!matches("a/b", "a/b/"));
+        assert!(!matches("a/b/", "a/b"));
+        assert!(matches("a//b", "a//b"));
+        assert!(matches("a/+/b", "a//b"));
+        assert!(!matches("a/b", "a"));
+        assert!(!matches("a", "a/b"));
+        assert!(matches("/", "/"));
+        assert!(matches("+/+", "/"));
+    }
+
+    #[test]
+    fn level_counts() {
+        assert_eq!(level_count(""), 1);
+        assert_eq!(level_count("a"), 1);
+        assert_eq!(level_count("/"), 2);
+        assert_eq!(level_count("a/b/c"), 3);
+        assert_eq!(level_count("sport/tennis/#"), 3);
+        assert_eq!(level_count("a//"), 3);
+    }
+}

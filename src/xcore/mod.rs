@@ -1,0 +1,288 @@
+//! Everything that crosses cores: the message type, the mesh of SPSC rings (one per ordered pair of
+//! cores) and the wake protocol.
+//!
+//! Architecture invariant: cores share no mutable state except these rings and the atomics in
+//! [`Signal`]. A message is a value (a routed publish, an interest update, a connection hand-off), never
+//! a closure or a pointer into another core's state.
+//!
+//! Wake protocol (measured in `shared/guide/runtime-notes.md`): the consumer sets `parked`, fences,
+//! re-checks its rings and only then sleeps; a producer pushes a whole batch, fences, and wakes the
+//! consumer only if it swaps `parked` from true — at most once per destination per loop tick. A full
+//! ring is never a reason to drop: the producer keeps the rest staged, sets `blocked`, and stops reading
+//! its sockets until the consumer, having drained, signals `room`.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use rtrb::{Consumer, Producer, RingBuffer};
+use tokio::sync::Notify;
+
+use crate::protocol::Connect;
+use crate::session::Message;
+
+/// Slots per ring. 4,096 messages of a few dozen bytes each: enough to absorb a loop tick of a busy core
+/// without blocking, small enough to stay in cache.
+pub const RING_CAPACITY: usize = 4096;
+
+/// The most cores a broker runs on: core sets are `u64` bitmasks.
+pub const MAX_CORES: usize = 64;
+
+/// A message from one core to another.
+#[derive(Debug)]
+pub enum XMsg {
+    /// Deliver to the destination core's matching subscriptions. If `retain` is set, the destination
+    /// also updates its copy of the retained store (retained publishes go to every core).
+    Publish(Message),
+    /// The sending core gained its first (`add`) or lost its last subscription to `filter`.
+    Interest { core: usize, filter: Box<str>, add: bool },
+    /// A connection whose CONNECT arrived on the sending core but whose session lives on the destination
+    /// core (the home core of its client id). `buffered` holds bytes read after the CONNECT.
+    Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut },
+}
+
+/// Per-core flags and wake-ups that other threads may touch.
+#[derive(Debug, Default)]
+pub struct Signal {
+    /// The core is about to sleep or sleeping: a producer must wake it.
+    pub parked: AtomicBool,
+    pub wake: Notify,
+    /// The core has messages staged that did not fit a ring: consumers signal `room` after draining.
+    pub blocked: AtomicBool,
+    pub room: Notify,
+}
+
+/// One core's ends of the mesh.
+pub struct Mesh {
+    pub id: usize,
+    producers: Vec<Option<Producer<XMsg>>>,
+    consumers: Vec<Option<Consumer<XMsg>>>,
+    /// Per destination: messages waiting for ring space, in order.
+    staged: Vec<VecDeque<XMsg>>,
+    /// Destinations that received something this tick and may need a wake.
+    wake_mask: u64,
+    signals: Arc<[Signal]>,
+}
+
+/// Builds the N×N mesh once at start-up; element i goes to core i.
+pub fn build_mesh(n: usize) -> Vec<Mesh> {
+    let signals: Arc<[Signal]> = (0..n).map(|_| Signal::default()).collect();
+    let mut meshes: Vec<Mesh> = (0..n)
+        .map(|id| Mesh {
+            id,
+            producers: (0..n).map(|_| None).collect(),
+            consumers: (0..n).map(|_| None).collect(),
+            staged: (0..n).map(|_| VecDeque::new()).collect(),
+            wake_mask: 0,
+            signals: signals.clone(),
+        })
+        .collect();
+    for src in 0..n {
+        for dst in 0..n {
+            if src != dst {
+                let (p, c) = RingBuffer::new(RING_CAPACITY);
+                meshes[src].producers[dst] = Some(p);
+                meshes[dst].consumers[src] = Some(c);
+            }
+        }
+    }
+    meshes
+}
+
+impl Mesh {
+    pub fn cores(&self) -> usize {
+        self.producers.len()
+    }
+
+    pub fn signals(&self) -> &Arc<[Signal]> {
+        &self.signals
+    }
+
+    pub fn my_signal(&self) -> &Signal {
+        &self.signals[self.id]
+    }
+
+    /// Queues `msg` for core `dst`; it reaches the ring at the next [`Mesh::flush`].
+    pub fn stage(&mut self, dst: usize, msg: XMsg) {
+        if let Some(q) = self.staged.get_mut(dst) {
+            q.push_back(msg);
+        }
+    }
+
+    /// Whether some messages could not be pushed: the caller must stop reading sockets.
+    pub fn is_blocked(&self) -> bool {
+        self.staged.iter().any(|q| !q.is_empty())
+    }
+
+    /// Pushes staged messages into the rings, one chunk per destination. Returns true when everything
+    /// fit. Wakes are not sent here but in [`Mesh::wake_peers`], once per tick.
+    pub fn flush(&mut self) -> bool {
+        if self.push_staged() {
+            return true;
+        }
+        // Ask consumers to tell us when they have made room, then retry once in case they drained
+        // between our push and the flag (the fence orders the flag before the re-check).
+        self.signals[self.id].blocked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        self.push_staged()
+    }
+
+    fn push_staged(&mut self) -> bool {
+        let mut all = true;
+        for dst in 0..self.staged.len() {
+            if self.staged[dst].is_empty() {
+                continue;
+            }
+            let Some(p) = self.producers[dst].as_mut() else {
+                self.staged[dst].clear();
+                continue;
+            };
+            let n = p.slots().min(self.staged[dst].len());
+            if n > 0 {
+                if let Ok(chunk) = p.write_chunk_uninit(n) {
+                    chunk.fill_from_iter(self.staged[dst].drain(..n));
+                }
+                self.wake_mask |= 1 << dst;
+            }
+            if !self.staged[dst].is_empty() {
+                all = false;
+            }
+        }
+        all
+    }
+
+    /// Whether a wake is owed to some peer (the runtime schedules one tick task to send them).
+    pub fn wake_pending(&self) -> bool {
+        self.wake_mask != 0
+    }
+
+    /// Wakes every destination that got messages since the last call and is parked. One call per tick.
+    pub fn wake_peers(&mut self) {
+        let mut mask = std::mem::take(&mut self.wake_mask);
+        if mask == 0 {
+            return;
+        }
+        fence(Ordering::SeqCst);
+        while mask != 0 {
+            let dst = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            let s = &self.signals[dst];
+            if s.parked.swap(false, Ordering::SeqCst) {
+                s.wake.notify_one();
+            }
+        }
+    }
+
+    /// Takes up to `max` messages from each inbound ring into `out`, in per-source order. Then signals
+    /// `room` to producers that were blocked.
+    pub fn drain(&mut self, max: usize, out: &mut Vec<XMsg>) -> usize {
+        let before = out.len();
+        for src in 0..self.consumers.len() {
+            let Some(c) = self.consumers[src].as_mut() else { continue };
+            let n = c.slots().min(max);
+            if n == 0 {
+                continue;
+            }
+            if let Ok(chunk) = c.read_chunk(n) {
+                out.extend(chunk);
+            }
+            let s = &self.signals[src];
+            if s.blocked.swap(false, Ordering::SeqCst) {
+                s.room.notify_one();
+            }
+        }
+        out.len() - before
+    }
+
+    /// Whether any inbound ring holds messages.
+    pub fn has_inbound(&self) -> bool {
+        self.consumers.iter().flatten().any(|c| !c.is_empty())
+    }
+
+    /// Prepares to sleep: sets `parked`, fences, and reports whether it is safe to sleep (nothing
+    /// arrived meanwhile). On false the caller drains again instead of sleeping.
+    pub fn park(&self) -> bool {
+        let s = &self.signals[self.id];
+        s.parked.store(true, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.has_inbound() {
+            s.parked.store(false, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn interest(core: usize, f: &str) -> XMsg {
+        XMsg::Interest { core, filter: f.into(), add: true }
+    }
+
+    #[test]
+    fn mesh_delivers_in_order_per_pair() {
+        let mut m = build_mesh(3);
+        let (a, rest) = m.split_at_mut(1);
+        let a = &mut a[0];
+        for i in 0..10 {
+            a.stage(1, interest(i, "x"));
+            a.stage(2, interest(100 + i, "y"));
+        }
+        assert!(a.flush());
+        let mut out = Vec::new();
+        assert_eq!(rest[0].drain(1000, &mut out), 10);
+        let cores: Vec<usize> = out
+            .iter()
+            .map(|m| match m {
+                XMsg::Interest { core, .. } => *core,
+                _ => usize::MAX,
+            })
+            .collect();
+        assert_eq!(cores, (0..10).collect::<Vec<_>>());
+        out.clear();
+        assert_eq!(rest[1].drain(1000, &mut out), 10);
+        assert!(!rest[1].has_inbound());
+    }
+
+    #[test]
+    fn full_ring_keeps_messages_staged_and_blocks() {
+        let mut m = build_mesh(2);
+        let (a, b) = m.split_at_mut(1);
+        let (a, b) = (&mut a[0], &mut b[0]);
+        for i in 0..RING_CAPACITY + 5 {
+            a.stage(1, interest(i, "f"));
+        }
+        assert!(!a.flush());
+        assert!(a.is_blocked());
+        assert!(a.my_signal().blocked.load(Ordering::SeqCst));
+        let mut out = Vec::new();
+        assert_eq!(b.drain(usize::MAX, &mut out), RING_CAPACITY);
+        // the consumer cleared the producer's blocked flag when it made room
+        assert!(!a.my_signal().blocked.load(Ordering::SeqCst));
+        assert!(a.flush());
+        assert!(!a.is_blocked());
+        out.clear();
+        assert_eq!(b.drain(usize::MAX, &mut out), 5);
+        match &out[4] {
+            XMsg::Interest { core, .. } => assert_eq!(*core, RING_CAPACITY + 4),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wake_only_when_parked() {
+        let mut m = build_mesh(2);
+        let (a, b) = m.split_at_mut(1);
+        let (a, b) = (&mut a[0], &mut b[0]);
+        assert!(b.park());
+        a.stage(1, interest(0, "x"));
+        a.flush();
+        a.wake_peers();
+        assert!(!b.my_signal().parked.load(Ordering::SeqCst), "producer swapped parked off");
+        // nothing staged: no wake attempted, parked stays as the consumer left it
+        assert!(!b.park(), "a message is waiting, so parking must be refused");
+    }
+}
