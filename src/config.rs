@@ -285,15 +285,20 @@ pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
             let Some((host, port)) = s.rsplit_once(':') else {
                 return Err(format!("\"{s}\" is not HOST:PORT"));
             };
-            let port: u16 = port.parse().map_err(|_| format!("\"{s}\" is not HOST:PORT (bad port \"{port}\")"))?;
+            let port: u16 =
+                port.parse().map_err(|_| format!("\"{s}\" is not HOST:PORT (bad port \"{port}\")"))?;
             if host.eq_ignore_ascii_case("localhost") {
                 // The IPv4 loopback, like the default listener; "localhost" in /etc/hosts may also
                 // name ::1, and picking one keeps the bound address predictable.
                 SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)
             } else if host.parse::<std::net::Ipv6Addr>().is_ok() {
-                return Err(format!("\"{s}\" is not HOST:PORT (write an IPv6 address in brackets: [{host}]:{port})"));
+                return Err(format!(
+                    "\"{s}\" is not HOST:PORT (write an IPv6 address in brackets: [{host}]:{port})"
+                ));
             } else if host.is_empty() {
-                return Err(format!("\"{s}\" is not HOST:PORT (no host; use 0.0.0.0:{port} for every interface)"));
+                return Err(format!(
+                    "\"{s}\" is not HOST:PORT (no host; use 0.0.0.0:{port} for every interface)"
+                ));
             } else {
                 return Err(format!(
                     "\"{s}\": HOST must be an IP address or localhost (host names are not resolved)"
@@ -306,6 +311,15 @@ pub fn parse_bind(s: &str) -> Result<SocketAddr, String> {
         return Err(format!("\"{s}\": port 0 is not allowed (every core must listen on the same port)"));
     }
     Ok(addr)
+}
+
+/// "1 cpu", "2 cpus".
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
 }
 
 /// The 1-based line of byte `offset` in `text`.
@@ -349,13 +363,19 @@ struct FileCtx<'a> {
 
 impl FileCtx<'_> {
     fn origin(&self, key: &str, span: std::ops::Range<usize>) -> Origin {
-        Origin::File { path: self.path.to_path_buf(), key: key.to_string(), line: line_of(self.text, span.start) }
+        Origin::File {
+            path: self.path.to_path_buf(),
+            key: key.to_string(),
+            line: line_of(self.text, span.start),
+        }
     }
 
     fn int(&self, key: &str, v: &Spanned<Value>, range: &Range) -> Result<(i128, Origin), ConfigError> {
         let origin = self.origin(key, v.span());
         match v.get_ref() {
-            Value::Integer(i) => range.check(i128::from(*i)).map(|i| (i, origin.clone())).map_err(|m| origin.error(m)),
+            Value::Integer(i) => {
+                range.check(i128::from(*i)).map(|i| (i, origin.clone())).map_err(|m| origin.error(m))
+            }
             other => Err(origin.error(format!("expected an integer, got {}", describe(other)))),
         }
     }
@@ -371,7 +391,9 @@ impl FileCtx<'_> {
     fn bool(&self, key: &str, v: &Spanned<Value>) -> Result<bool, ConfigError> {
         match v.get_ref() {
             Value::Boolean(b) => Ok(*b),
-            other => Err(self.origin(key, v.span()).error(format!("expected true or false, got {}", describe(other)))),
+            other => Err(self
+                .origin(key, v.span())
+                .error(format!("expected true or false, got {}", describe(other)))),
         }
     }
 
@@ -421,7 +443,9 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
             // i64 -> f64 may round for huge values, which the range check rejects anyway.
             Value::Integer(i) => *i as f64,
             Value::Float(f) => *f,
-            other => return Err(origin.error(format!("expected a number of seconds, got {}", describe(other)))),
+            other => {
+                return Err(origin.error(format!("expected a number of seconds, got {}", describe(other))))
+            }
         };
         layer.connect_timeout = Some(connect_timeout(secs).map_err(|m| origin.error(m))?);
     }
@@ -507,7 +531,8 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
         layer.listeners = Some(listeners);
     }
     if let Some(secs) = cli.connect_timeout {
-        layer.connect_timeout = Some(connect_timeout(secs).map_err(|m| Origin::Flag("--connect-timeout").error(m))?);
+        layer.connect_timeout =
+            Some(connect_timeout(secs).map_err(|m| Origin::Flag("--connect-timeout").error(m))?);
     }
     let flag_int = |v: u64, flag: &'static str, range: &Range| {
         range.check(i128::from(v)).map_err(|m| Origin::Flag(flag).error(m))
@@ -538,9 +563,9 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
     apply_cli(&mut layer, cli)?;
 
     if let Some((list, origin)) = &layer.cpus {
-        let allowed = allowed
-            .as_ref()
-            .map_err(|e| origin.error(format!("cannot read this process's cpu affinity: {}", io_message(e))))?;
+        let allowed = allowed.as_ref().map_err(|e| {
+            origin.error(format!("cannot read this process's cpu affinity: {}", io_message(e)))
+        })?;
         if let Some(cpu) = list.iter().find(|c| !allowed.contains(c)) {
             return Err(origin.error(format!(
                 "cpu {cpu} is not available to this process (allowed: {})",
@@ -552,10 +577,11 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         (Some((n, t_origin)), Some((list, c_origin))) => {
             if *n != list.len() {
                 return Err(t_origin.error(format!(
-                    "{n} threads but {} lists {} cpus ({}); thread i is pinned to the i-th cpu, so give as \
-                     many threads as cpus or leave threads unset",
+                    "{} but {} lists {} ({}); thread i is pinned to the i-th cpu, so give as many threads \
+                     as cpus or leave threads unset",
+                    count(*n, "thread"),
                     c_origin.describe(t_origin),
-                    list.len(),
+                    count(list.len(), "cpu"),
                     cpus::format_cpu_list(list)
                 )));
             }
@@ -601,4 +627,532 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
         source: layer.source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const PATH: &str = "x.toml";
+
+    /// Parses `text` as x.toml with `flags`, on a machine whose usable cpus are 0-1.
+    fn build(text: &str, flags: &[&str]) -> Result<Config, ConfigError> {
+        build_on(text, flags, Ok(vec![0, 1]))
+    }
+
+    fn build_on(text: &str, flags: &[&str], allowed: io::Result<Vec<usize>>) -> Result<Config, ConfigError> {
+        let cli = Cli::try_parse_from(std::iter::once("coremq").chain(flags.iter().copied())).unwrap();
+        resolve(parse_file(text, Path::new(PATH))?, &cli, allowed)
+    }
+
+    fn err(text: &str, flags: &[&str]) -> String {
+        build(text, flags).unwrap_err().to_string()
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn every_key_has_its_default() {
+        let c = build("", &[]).unwrap();
+        assert_eq!(c.threads, 2, "one thread per allowed cpu");
+        assert_eq!(c.cpus, None);
+        assert_eq!(c.backend, BackendChoice::Auto);
+        assert_eq!(c.listeners, vec![ListenerConfig { bind: addr("127.0.0.1:1883"), allow_anonymous: true }]);
+        assert!(c.default_listener);
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.max_inflight, 20);
+        assert_eq!(c.max_queued_messages, 1000);
+        assert_eq!(c.max_queued_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.max_packet_size, 1_048_576);
+        assert!(!c.queue_qos0_messages);
+        assert_eq!(c.max_keepalive, 65535);
+        assert_eq!(c.source, Some(PathBuf::from(PATH)));
+    }
+
+    #[test]
+    fn default_threads_follow_the_machine_and_are_capped() {
+        assert_eq!(build_on("", &[], Ok(vec![3])).unwrap().threads, 1);
+        assert_eq!(build_on("", &[], Ok((0..200).collect())).unwrap().threads, MAX_THREADS);
+        // If the affinity cannot be read, fall back to std's count rather than failing.
+        let c = build_on("", &[], Err(io::Error::from_raw_os_error(libc::EPERM))).unwrap();
+        assert!((1..=MAX_THREADS).contains(&c.threads));
+    }
+
+    #[test]
+    fn load_without_a_file_uses_defaults_and_the_real_machine() {
+        let c = load(&Cli::default()).unwrap();
+        let n = cpus::allowed_cpus().unwrap().len().min(MAX_THREADS);
+        assert_eq!(c.threads, n);
+        assert_eq!(c.source, None);
+        assert!(c.default_listener);
+    }
+
+    #[test]
+    fn every_key_is_read() {
+        let c = build(
+            r#"
+threads = 2
+cpus = "0-1"
+backend = "epoll"
+connect_timeout = 2.5
+max_inflight = 65535
+max_queued_messages = 7
+max_queued_bytes = 1
+max_packet_size = 268435460
+queue_qos0_messages = true
+max_keepalive = 0
+
+[[listener]]
+bind = "0.0.0.0:1883"
+
+[[listener]]
+bind = "[::1]:8883"
+allow_anonymous = false
+
+[[listener]]
+bind = "localhost:1884"
+"#,
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.threads, 2);
+        assert_eq!(c.cpus, Some(vec![0, 1]));
+        assert_eq!(c.backend, BackendChoice::Epoll);
+        assert_eq!(c.connect_timeout, Duration::from_millis(2500));
+        assert_eq!(c.max_inflight, 65535);
+        assert_eq!(c.max_queued_messages, 7);
+        assert_eq!(c.max_queued_bytes, 1);
+        assert_eq!(c.max_packet_size, MAX_PACKET_SIZE_LIMIT);
+        assert!(c.queue_qos0_messages);
+        assert_eq!(c.max_keepalive, 0);
+        assert!(!c.default_listener);
+        assert_eq!(
+            c.listeners,
+            vec![
+                ListenerConfig { bind: addr("0.0.0.0:1883"), allow_anonymous: true },
+                ListenerConfig { bind: addr("[::1]:8883"), allow_anonymous: false },
+                ListenerConfig { bind: addr("127.0.0.1:1884"), allow_anonymous: true },
+            ]
+        );
+    }
+
+    #[test]
+    fn inline_listener_array_is_accepted() {
+        let c = build(r#"listener = [{ bind = "127.0.0.1:1" }, { bind = "127.0.0.1:2" }]"#, &[]).unwrap();
+        assert_eq!(c.listeners.len(), 2);
+        assert_eq!(c.listeners[1].bind, addr("127.0.0.1:2"));
+    }
+
+    #[test]
+    fn cpus_alone_sets_threads() {
+        let c = build("cpus = \"1\"", &[]).unwrap();
+        assert_eq!((c.threads, c.cpus), (1, Some(vec![1])));
+        let c = build("", &["--cpus", "0-1"]).unwrap();
+        assert_eq!((c.threads, c.cpus), (2, Some(vec![0, 1])));
+    }
+
+    #[test]
+    fn connect_timeout_accepts_integers_and_floats() {
+        assert_eq!(build("connect_timeout = 3", &[]).unwrap().connect_timeout, Duration::from_secs(3));
+        assert_eq!(build("connect_timeout = 0.25", &[]).unwrap().connect_timeout, Duration::from_millis(250));
+        assert_eq!(
+            build("connect_timeout = 86400", &[]).unwrap().connect_timeout,
+            Duration::from_secs(86400)
+        );
+    }
+
+    #[test]
+    fn flags_override_file_values() {
+        let text = r#"
+threads = 1
+backend = "uring"
+connect_timeout = 30
+max_inflight = 5
+max_queued_messages = 5
+max_queued_bytes = 5
+max_packet_size = 5
+[[listener]]
+bind = "0.0.0.0:1883"
+"#;
+        let c = build(
+            text,
+            &[
+                "--threads",
+                "2",
+                "--cpus",
+                "0,1",
+                "--backend",
+                "epoll",
+                "--connect-timeout",
+                "1.5",
+                "--max-inflight",
+                "100",
+                "--max-queued-messages",
+                "200",
+                "--max-queued-bytes",
+                "300",
+                "--max-packet-size",
+                "400",
+                "--listen",
+                "127.0.0.1:2000",
+                "--listen",
+                "[::]:2001",
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.threads, 2);
+        assert_eq!(c.cpus, Some(vec![0, 1]));
+        assert_eq!(c.backend, BackendChoice::Epoll);
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.max_inflight, 100);
+        assert_eq!(c.max_queued_messages, 200);
+        assert_eq!(c.max_queued_bytes, 300);
+        assert_eq!(c.max_packet_size, 400);
+        assert_eq!(
+            c.listeners.iter().map(|l| l.bind).collect::<Vec<_>>(),
+            vec![addr("127.0.0.1:2000"), addr("[::]:2001")]
+        );
+        assert!(!c.default_listener);
+        // Values the flags do not touch stay as the file set them.
+        let c = build(text, &["--threads", "2"]).unwrap();
+        assert_eq!((c.threads, c.max_inflight, c.backend), (2, 5, BackendChoice::Uring));
+        assert_eq!(c.listeners[0].bind, addr("0.0.0.0:1883"));
+    }
+
+    #[test]
+    fn listen_flag_without_file_is_not_the_default_listener() {
+        let c = build("", &["--listen", "127.0.0.1:1883"]).unwrap();
+        assert!(!c.default_listener);
+        assert_eq!(c.listeners, vec![ListenerConfig::new(addr("127.0.0.1:1883"))]);
+    }
+
+    #[test]
+    fn unknown_keys() {
+        assert_eq!(
+            err("threads = 1\n\nmax_inflite = 3\n", &[]),
+            "config error in x.toml: unknown key \"max_inflite\" (line 3)"
+        );
+        assert_eq!(
+            err("[[listener]]\nbind = \"127.0.0.1:1883\"\nport = 1\n", &[]),
+            "config error in x.toml: unknown key \"port\" in [[listener]] (line 3)"
+        );
+        assert_eq!(
+            err("[server]\nthreads = 1\n", &[]),
+            "config error in x.toml: unknown key \"server\" (line 1)"
+        );
+    }
+
+    #[test]
+    fn bad_types_name_the_key() {
+        let cases = [
+            (
+                "max_inflight = \"20\"",
+                "key \"max_inflight\": expected an integer, got string \"20\" (line 1)",
+            ),
+            ("\nthreads = 1.5", "key \"threads\": expected an integer, got float 1.5 (line 2)"),
+            ("cpus = 3", "key \"cpus\": expected a string, got integer 3 (line 1)"),
+            ("backend = true", "key \"backend\": expected a string, got boolean true (line 1)"),
+            (
+                "connect_timeout = \"10s\"",
+                "key \"connect_timeout\": expected a number of seconds, got string \"10s\" (line 1)",
+            ),
+            (
+                "queue_qos0_messages = 1",
+                "key \"queue_qos0_messages\": expected true or false, got integer 1 (line 1)",
+            ),
+            ("max_keepalive = [1]", "key \"max_keepalive\": expected an integer, got an array (line 1)"),
+            (
+                "max_queued_bytes = { a = 1 }",
+                "key \"max_queued_bytes\": expected an integer, got a table (line 1)",
+            ),
+            (
+                "[[listener]]\nbind = 1883",
+                "key \"listener[1].bind\": expected a string, got integer 1883 (line 2)",
+            ),
+            (
+                "[[listener]]\nbind = \"127.0.0.1:1\"\nallow_anonymous = \"no\"",
+                "key \"listener[1].allow_anonymous\": expected true or false, got string \"no\" (line 3)",
+            ),
+            ("listener = 5", "key \"listener\": invalid type: integer `5`, expected a sequence (line 1)"),
+            (
+                "[listener]\nbind = \"127.0.0.1:1\"",
+                "key \"listener\": invalid type: map, expected a sequence (line 1)",
+            ),
+            (
+                "listener = [1]",
+                "key \"listener\": invalid type: integer `1`, expected a [[listener]] table (line 1)",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(err(text, &[]), format!("config error in x.toml: {want}"), "text {text:?}");
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_are_one_line() {
+        let e = err("threads = 1\nthreads = 2\n", &[]);
+        assert_eq!(e, "config error in x.toml: duplicate key `threads` in document root (line 2)");
+        let e = err("threads = \n", &[]);
+        assert!(e.starts_with("config error in x.toml: ") && e.ends_with("(line 1)"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+        let e = err("[[listener]\n", &[]);
+        assert!(e.starts_with("config error in x.toml: ") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn range_errors() {
+        let cases = [
+            (
+                "threads = 0",
+                "key \"threads\": must be between 1 and 64 (core ids are kept in a 64-bit mask), got 0",
+            ),
+            (
+                "threads = 65",
+                "key \"threads\": must be between 1 and 64 (core ids are kept in a 64-bit mask), got 65",
+            ),
+            ("max_inflight = 0", "key \"max_inflight\": must be between 1 and 65535, got 0"),
+            ("max_inflight = 65536", "key \"max_inflight\": must be between 1 and 65535, got 65536"),
+            ("max_queued_messages = 0", "key \"max_queued_messages\": must be at least 1, got 0"),
+            ("max_queued_bytes = -5", "key \"max_queued_bytes\": must be at least 1, got -5"),
+            ("max_packet_size = 1", "key \"max_packet_size\": must be between 2 and 268435460, got 1"),
+            (
+                "max_packet_size = 268435461",
+                "key \"max_packet_size\": must be between 2 and 268435460, got 268435461",
+            ),
+            ("max_keepalive = -1", "key \"max_keepalive\": must be between 0 and 65535, got -1"),
+            ("max_keepalive = 65536", "key \"max_keepalive\": must be between 0 and 65535, got 65536"),
+            (
+                "connect_timeout = 0",
+                "key \"connect_timeout\": must be more than 0 and at most 86400 seconds, got 0",
+            ),
+            (
+                "connect_timeout = -1.5",
+                "key \"connect_timeout\": must be more than 0 and at most 86400 seconds, got -1.5",
+            ),
+            (
+                "connect_timeout = 86401",
+                "key \"connect_timeout\": must be more than 0 and at most 86400 seconds, got 86401",
+            ),
+            (
+                "connect_timeout = nan",
+                "key \"connect_timeout\": must be more than 0 and at most 86400 seconds, got NaN",
+            ),
+            (
+                "backend = \"io_uring\"",
+                "key \"backend\": \"io_uring\" is not one of \"auto\", \"uring\", \"epoll\"",
+            ),
+            ("cpus = \"3-1\"", "key \"cpus\": bad cpu list \"3-1\": range end before start"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(err(text, &[]), format!("config error in x.toml: {want} (line 1)"), "text {text:?}");
+        }
+    }
+
+    #[test]
+    fn cpu_and_thread_cross_checks() {
+        assert_eq!(
+            err("cpus = \"0,7\"", &[]),
+            "config error in x.toml: key \"cpus\": cpu 7 is not available to this process (allowed: 0-1) (line 1)"
+        );
+        assert_eq!(
+            err("", &["--cpus", "0-1,7"]),
+            "--cpus: cpu 7 is not available to this process (allowed: 0-1)"
+        );
+        assert_eq!(
+            err("threads = 1\ncpus = \"0-1\"", &[]),
+            "config error in x.toml: key \"threads\": 1 thread but key \"cpus\" lists 2 cpus (0-1); thread i is \
+             pinned to the i-th cpu, so give as many threads as cpus or leave threads unset (line 1)"
+        );
+        assert_eq!(
+            err("cpus = \"0-1\"", &["--threads", "3"]),
+            "--threads: 3 threads but key \"cpus\" of x.toml lists 2 cpus (0-1); thread i is pinned to the i-th \
+             cpu, so give as many threads as cpus or leave threads unset"
+        );
+        assert_eq!(
+            err("threads = 4", &["--cpus", "1"]),
+            "config error in x.toml: key \"threads\": 4 threads but --cpus lists 1 cpu (1); thread i is pinned \
+             to the i-th cpu, so give as many threads as cpus or leave threads unset (line 1)"
+        );
+        // A flag for both replaces the file's pair.
+        let c = build("threads = 4\ncpus = \"0-3\"", &["--threads", "1", "--cpus", "1"]);
+        assert_eq!(build_on("threads = 4\ncpus = \"0-3\"", &[], Ok(vec![0, 1, 2, 3])).unwrap().threads, 4);
+        assert_eq!(c.unwrap().cpus, Some(vec![1]));
+        // More than 64 listed cpus cannot become threads.
+        assert_eq!(
+            build_on("", &["--cpus", "0-99"], Ok((0..100).collect())).unwrap_err().to_string(),
+            "--cpus: lists 100 cpus, one thread each, but at most 64 threads are supported (core ids are kept \
+             in a 64-bit mask)"
+        );
+        assert_eq!(
+            build_on("", &["--cpus", "0"], Err(io::Error::from_raw_os_error(libc::EPERM)))
+                .unwrap_err()
+                .to_string(),
+            "--cpus: cannot read this process's cpu affinity: Operation not permitted"
+        );
+    }
+
+    #[test]
+    fn flag_errors_name_the_flag() {
+        let cases: [(&[&str], &str); 11] = [
+            (
+                &["--threads", "0"],
+                "--threads: must be between 1 and 64 (core ids are kept in a 64-bit mask), got 0",
+            ),
+            (
+                &["--threads", "100"],
+                "--threads: must be between 1 and 64 (core ids are kept in a 64-bit mask), got 100",
+            ),
+            (&["--cpus", "x"], "--cpus: bad cpu list \"x\": \"x\" is not a cpu number"),
+            (&["--backend", "kqueue"], "--backend: \"kqueue\" is not one of \"auto\", \"uring\", \"epoll\""),
+            (
+                &["--connect-timeout", "0"],
+                "--connect-timeout: must be more than 0 and at most 86400 seconds, got 0",
+            ),
+            (&["--max-inflight", "0"], "--max-inflight: must be between 1 and 65535, got 0"),
+            (&["--max-inflight", "70000"], "--max-inflight: must be between 1 and 65535, got 70000"),
+            (&["--max-queued-messages", "0"], "--max-queued-messages: must be at least 1, got 0"),
+            (&["--max-queued-bytes", "0"], "--max-queued-bytes: must be at least 1, got 0"),
+            (&["--max-packet-size", "1"], "--max-packet-size: must be between 2 and 268435460, got 1"),
+            (&["--listen", "localhost"], "--listen: \"localhost\" is not HOST:PORT"),
+        ];
+        for (flags, want) in cases {
+            assert_eq!(err("", flags), want, "flags {flags:?}");
+        }
+        assert_eq!(
+            err("", &["--listen", "127.0.0.1:1883", "--listen", "127.0.0.1:1883"]),
+            "--listen: 127.0.0.1:1883 is given twice"
+        );
+    }
+
+    #[test]
+    fn listener_errors() {
+        let cases = [
+            ("bind = \"localhost\"", "key \"listener[1].bind\": \"localhost\" is not HOST:PORT (line 2)"),
+            ("bind = \"localhost:x\"", "key \"listener[1].bind\": \"localhost:x\" is not HOST:PORT (bad port \"x\") (line 2)"),
+            ("bind = \"1.2.3.4:70000\"", "key \"listener[1].bind\": \"1.2.3.4:70000\" is not HOST:PORT (bad port \"70000\") (line 2)"),
+            (
+                "bind = \"example.com:1883\"",
+                "key \"listener[1].bind\": \"example.com:1883\": HOST must be an IP address or localhost (host names \
+                 are not resolved) (line 2)",
+            ),
+            (
+                "bind = \"::1:1883\"",
+                "key \"listener[1].bind\": \"::1:1883\" is not HOST:PORT (write an IPv6 address in brackets: \
+                 [::1]:1883) (line 2)",
+            ),
+            (
+                "bind = \":1883\"",
+                "key \"listener[1].bind\": \":1883\" is not HOST:PORT (no host; use 0.0.0.0:1883 for every \
+                 interface) (line 2)",
+            ),
+            (
+                "bind = \"0.0.0.0:0\"",
+                "key \"listener[1].bind\": \"0.0.0.0:0\": port 0 is not allowed (every core must listen on the \
+                 same port) (line 2)",
+            ),
+            ("allow_anonymous = true", "key \"listener[1]\": missing key \"bind\" (HOST:PORT) (line 1)"),
+        ];
+        for (body, want) in cases {
+            let text = format!("[[listener]]\n{body}\n");
+            assert_eq!(err(&text, &[]), format!("config error in x.toml: {want}"), "text {text:?}");
+        }
+        assert_eq!(
+            err("[[listener]]\nbind = \"127.0.0.1:1\"\n[[listener]]\nbind = \"127.0.0.1:1\"\n", &[]),
+            "config error in x.toml: key \"listener[2].bind\": 127.0.0.1:1 is already the bind of listener[1] (line 4)"
+        );
+        assert_eq!(
+            err("listener = []", &[]),
+            "config error in x.toml: key \"listener\": is empty; give at least one [[listener]] table, or leave \
+             the key out for 127.0.0.1:1883 (line 1)"
+        );
+    }
+
+    #[test]
+    fn parse_bind_accepts_ip_and_localhost() {
+        assert_eq!(parse_bind("10.1.2.3:1883").unwrap(), addr("10.1.2.3:1883"));
+        assert_eq!(parse_bind("[::]:1883").unwrap(), addr("[::]:1883"));
+        assert_eq!(parse_bind("LocalHost:9").unwrap(), addr("127.0.0.1:9"));
+    }
+
+    #[test]
+    fn a_missing_file_is_one_line() {
+        let cli = Cli { config: Some(PathBuf::from("/nonexistent/coremq.toml")), ..Cli::default() };
+        assert_eq!(
+            load(&cli).unwrap_err().to_string(),
+            "config error: cannot read /nonexistent/coremq.toml: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn load_reads_the_file_then_applies_flags() {
+        let dir = std::env::temp_dir().join(format!("coremq-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "max_inflight = 7\nmax_queued_messages = 9\n").unwrap();
+        let cli = Cli { config: Some(file.clone()), max_queued_messages: Some(11), ..Cli::default() };
+        let c = load(&cli).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!((c.max_inflight, c.max_queued_messages), (7, 11));
+        assert_eq!(c.source, Some(file));
+    }
+
+    #[test]
+    fn from_toml_uses_the_real_machine() {
+        let c = from_toml("max_inflight = 3", Path::new("y.toml")).unwrap();
+        assert_eq!(c.max_inflight, 3);
+        let e = from_toml("max_inflight = 0", Path::new("y.toml")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config error in y.toml: key \"max_inflight\": must be between 1 and 65535, got 0 (line 1)"
+        );
+    }
+
+    #[test]
+    fn example_file_parses_to_the_defaults() {
+        // Relative to this source file, so the test reads the example shipped next to Cargo.toml.
+        let text = include_str!("../coremq.example.toml");
+        let path = Path::new("coremq.example.toml");
+        let example = from_toml(text, path).unwrap();
+        let defaults = from_toml("", path).unwrap();
+        assert_eq!(example.threads, defaults.threads);
+        assert_eq!(example.cpus, defaults.cpus);
+        assert_eq!(example.backend, defaults.backend);
+        assert_eq!(example.listeners, defaults.listeners);
+        assert_eq!(example.connect_timeout, defaults.connect_timeout);
+        assert_eq!(example.max_inflight, defaults.max_inflight);
+        assert_eq!(example.max_queued_messages, defaults.max_queued_messages);
+        assert_eq!(example.max_queued_bytes, defaults.max_queued_bytes);
+        assert_eq!(example.max_packet_size, defaults.max_packet_size);
+        assert_eq!(example.queue_qos0_messages, defaults.queue_qos0_messages);
+        assert_eq!(example.max_keepalive, defaults.max_keepalive);
+        // Every key of the raw file appears in the example, set or commented out.
+        for key in [
+            "threads",
+            "cpus",
+            "backend",
+            "connect_timeout",
+            "max_inflight",
+            "max_queued_messages",
+            "max_queued_bytes",
+            "max_packet_size",
+            "queue_qos0_messages",
+            "max_keepalive",
+            "[[listener]]",
+            "bind",
+            "allow_anonymous",
+        ] {
+            assert!(
+                text.lines().any(|l| l.trim_start_matches("# ").starts_with(key)),
+                "{key} is not documented"
+            );
+        }
+        // The commented-out examples are valid too.
+        let uncommented =
+            text.replace("# threads = 4", "threads = 4").replace("# cpus = \"0-3\"", "cpus = \"0-3\"");
+        let c = build_on(&uncommented, &[], Ok(vec![0, 1, 2, 3])).unwrap();
+        assert_eq!((c.threads, c.cpus), (4, Some(vec![0, 1, 2, 3])));
+    }
 }

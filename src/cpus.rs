@@ -191,7 +191,10 @@ mod tests {
         assert_eq!(format_cpu_list(&[0, 1]), "0-1");
         assert_eq!(format_cpu_list(&[6, 0, 2, 1, 2]), "0-2,6");
         assert_eq!(format_cpu_list(&[1, 3, 5]), "1,3,5");
-        assert_eq!(format_cpu_list(&[usize::MAX - 1, usize::MAX]), format!("{}-{}", usize::MAX - 1, usize::MAX));
+        assert_eq!(
+            format_cpu_list(&[usize::MAX - 1, usize::MAX]),
+            format!("{}-{}", usize::MAX - 1, usize::MAX)
+        );
     }
 
     proptest! {

@@ -91,7 +91,7 @@ fn main() {
     let signals = meshes[0].signals().clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
-    let addrs: Vec<_> = cfg.listeners.iter().map(|l| l.bind).collect();
+    let addrs = cfg.listeners.clone();
     for (id, mesh) in meshes.into_iter().enumerate() {
         let setup = CoreSetup {
             id,
@@ -127,13 +127,19 @@ fn main() {
             Err(_) => fail("a core did not start within 10 s"),
         }
     }
-    let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let listen: Vec<String> = addrs
+        .iter()
+        .map(|l| {
+            let anon = if l.allow_anonymous { "anonymous clients allowed" } else { "anonymous clients refused" };
+            format!("{} ({anon})", l.bind)
+        })
+        .collect();
     let pinning = match &cfg.cpus {
         Some(c) => format!(", pinned to cpus {}", cpus::format_cpu_list(c)),
         None => String::new(),
     };
     eprintln!(
-        "coremq: listening on {} ({n} threads, {} backend{pinning}); anonymous clients allowed",
+        "coremq: listening on {}; {n} threads, {} backend{pinning}",
         listen.join(", "),
         match backend {
             Backend::Uring => "io_uring",

@@ -111,6 +111,9 @@ pub enum Flow {
 /// sockets, so a flood from one core cannot starve local clients.
 pub const DRAIN_BATCH: usize = 1024;
 
+/// Size of the blocks shared QoS 0 frames are encoded into.
+const FRAME_BLOCK: usize = 64 * 1024;
+
 pub struct Core {
     pub id: usize,
     settings: Settings,
@@ -241,8 +244,8 @@ impl Core {
 
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
-    pub fn connect(&mut self, key: usize, c: Box<Connect>) {
-        let Connect { protocol, clean_session, keep_alive, client_id, will, .. } = *c;
+    pub fn connect(&mut self, key: usize, c: Connect) {
+        let Connect { protocol, clean_session, keep_alive, client_id, will, .. } = c;
         let mut session_present = false;
         if let Some(&skey) = self.by_client.get(&client_id) {
             // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
@@ -418,6 +421,13 @@ impl Core {
                 } else {
                     let frame = shared
                         .get_or_insert_with(|| {
+                            // Frames are carved from 64 KiB blocks so that encoding costs an allocation
+                            // per block, not per message.
+                            let need = protocol::publish_head_len(msg.topic.len(), QoS::AtMostOnce, msg.payload.len())
+                                + msg.payload.len();
+                            if self.frame_buf.capacity() < need {
+                                self.frame_buf.reserve(need.max(FRAME_BLOCK));
+                            }
                             protocol::encode_publish(
                                 &Publish {
                                     dup: false,
@@ -474,8 +484,12 @@ impl Core {
         for (filter, granted) in &granted_filters {
             self.retained.for_each_match(filter.as_str(), |_, m| found.push((m.clone(), *granted)));
         }
-        for (m, granted) in found {
+        // In-broker latency of a retained message starts when the subscription asks for it, not when
+        // it was published: restamp it so the histogram stays meaningful.
+        let now = Instant::now();
+        for (mut m, granted) in found {
             let qos = m.qos.min(granted);
+            m.received = now;
             self.deliver_to(skey, &m, qos, true, &mut None);
         }
         Flow::Continue

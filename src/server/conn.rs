@@ -33,8 +33,10 @@ fn prepare_read(buf: &mut BytesMut, want: &mut usize, max_packet: usize) {
 }
 
 /// A new connection on the core that accepted it: waits for CONNECT, checks it, then either serves it
-/// here or hands it to the home core of its client id.
-pub async fn serve_new(core: CoreRef, conn: Conn) {
+/// here or hands it to the home core of its client id. With `allow_anonymous` false every client is
+/// refused with CONNACK 0x05, as mosquitto does when no password file is configured (authentication
+/// arrives with password files).
+pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     let conn = Rc::new(conn);
     let ctl = Rc::new(ConnCtl::new(conn.clone()));
     let key = core.borrow_mut().register(ctl.clone());
@@ -61,6 +63,9 @@ pub async fn serve_new(core: CoreRef, conn: Conn) {
         }
     };
     let mut connect = connect;
+    if !allow_anonymous {
+        return refuse(&core, key, &ctl, Some(ConnectReturnCode::NotAuthorized)).await;
+    }
     match check_connect(&connect) {
         Err(code) => return refuse(&core, key, &ctl, Some(code)).await,
         Ok(false) => return refuse(&core, key, &ctl, None).await,
@@ -127,7 +132,7 @@ async fn established(core: CoreRef, key: usize, ctl: Rc<ConnCtl>, connect: Box<C
     let version = connect.protocol;
     let max_packet = {
         let mut c = core.borrow_mut();
-        c.connect(key, connect);
+        c.connect(key, *connect);
         c.end_batch();
         c.settings().max_packet_size
     };

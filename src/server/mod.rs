@@ -4,7 +4,6 @@
 mod conn;
 
 use std::cell::{Cell, RefCell};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
@@ -13,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::config::ListenerConfig;
 use crate::core::{Core, Settings};
 use crate::io::{self, Backend, Listener};
 use crate::stats::Stats;
@@ -59,7 +59,7 @@ pub struct CoreSetup {
     pub id: usize,
     pub settings: Settings,
     pub mesh: Mesh,
-    pub listeners: Vec<SocketAddr>,
+    pub listeners: Vec<ListenerConfig>,
     pub backend: Backend,
     /// Reports whether the listeners could be bound.
     pub ready: Sender<Result<(), String>>,
@@ -132,10 +132,10 @@ async fn sweeper(core: CoreRef) {
     }
 }
 
-async fn accept_loop(core: CoreRef, listener: Listener) {
+async fn accept_loop(core: CoreRef, listener: Listener, allow_anonymous: bool) {
     loop {
         match listener.accept().await {
-            Ok((conn, _peer)) => io::spawn_local(conn::serve_new(core.clone(), conn)),
+            Ok((conn, _peer)) => io::spawn_local(conn::serve_new(core.clone(), conn, allow_anonymous)),
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning; never exit.
                 eprintln!("coremq: core {}: accept failed: {e}", core.borrow().id);
@@ -177,11 +177,11 @@ pub async fn run_core(setup: CoreSetup) {
     let CoreSetup { id, settings, mesh, listeners, backend, ready, done } = setup;
     BACKEND.with(|b| b.set(backend));
     let mut bound = Vec::new();
-    for addr in &listeners {
-        match Listener::bind(*addr) {
-            Ok(l) => bound.push(l),
+    for lc in &listeners {
+        match Listener::bind(lc.bind) {
+            Ok(l) => bound.push((l, lc.allow_anonymous)),
             Err(e) => {
-                let _ = ready.send(Err(format!("cannot listen on {addr}: {e}")));
+                let _ = ready.send(Err(format!("cannot listen on {}: {e}", lc.bind)));
                 return;
             }
         }
@@ -193,8 +193,8 @@ pub async fn run_core(setup: CoreSetup) {
         tick_scheduled: Cell::new(false),
         unblocked: Notify::new(),
     });
-    for l in bound {
-        io::spawn_local(accept_loop(core.clone(), l));
+    for (l, allow_anonymous) in bound {
+        io::spawn_local(accept_loop(core.clone(), l, allow_anonymous));
     }
     io::spawn_local(sweeper(core.clone()));
     io::spawn_local(tick_task(core.clone()));
