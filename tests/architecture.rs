@@ -1,0 +1,83 @@
+//! Keeps the layering rules of ARCHITECTURE.md true: a rule broken by a change fails `cargo test`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in fs::read_dir(dir).expect("readable source dir") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+fn sources() -> Vec<(String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&root, &mut files);
+    files
+        .into_iter()
+        .map(|p| {
+            let rel = p.strip_prefix(&root).expect("under src").to_string_lossy().replace('\\', "/");
+            (rel, fs::read_to_string(&p).expect("readable source"))
+        })
+        .collect()
+}
+
+/// Lines that are code, not comments (good enough for the words checked here).
+fn code_lines(text: &str) -> impl Iterator<Item = &str> {
+    text.lines().filter(|l| !l.trim_start().starts_with("//"))
+}
+
+#[test]
+fn only_the_io_layer_names_the_runtime_crates() {
+    for (file, text) in sources() {
+        if file.starts_with("io/") {
+            continue;
+        }
+        for word in ["tokio_uring", "io_uring::", "tokio::net"] {
+            assert!(!code_lines(&text).any(|l| l.contains(word)), "{file} names {word}: only src/io/ may");
+        }
+    }
+}
+
+#[test]
+fn pure_modules_do_no_io() {
+    for (file, text) in sources() {
+        if !(file.starts_with("protocol/") || file.starts_with("topic/") || file.starts_with("session/")) {
+            continue;
+        }
+        for word in ["crate::io", "crate::server", "crate::core", "tokio", "std::net", "std::fs", "Instant::now"] {
+            // Tests may read the clock to build messages; the state machines themselves take time as input.
+            if word == "Instant::now" && file.ends_with("tests.rs") {
+                continue;
+            }
+            assert!(!code_lines(&text).any(|l| l.contains(word)), "{file} uses {word}: it must stay pure");
+        }
+    }
+}
+
+#[test]
+fn broker_state_is_never_behind_a_lock() {
+    for (file, text) in sources() {
+        for word in ["Mutex", "RwLock"] {
+            assert!(!code_lines(&text).any(|l| l.contains(word)), "{file} uses {word}: cores share no locked state");
+        }
+    }
+}
+
+#[test]
+fn only_xcore_and_main_touch_atomics() {
+    for (file, text) in sources() {
+        if file.starts_with("xcore/") || file == "main.rs" || file.starts_with("io/") || file == "server/mod.rs" {
+            continue;
+        }
+        assert!(
+            !code_lines(&text).any(|l| l.contains("std::sync::atomic")),
+            "{file} uses atomics: cross-thread state belongs in src/xcore/"
+        );
+    }
+}
