@@ -17,18 +17,19 @@ use crate::xcore::XMsg;
 /// connection is idle; it doubles when a read fills it, up to [`READ_BUF_MAX`].
 const READ_BUF_INITIAL: usize = 1024;
 const READ_BUF_MAX: usize = 64 * 1024;
+/// Below this much free space a read is not worth a syscall: get a fresh block instead.
+const MIN_SPARE: usize = 256;
 
 /// Makes room for the next read: at least the rest of a partly received packet (bounded by
 /// max_packet_size through `frame_len`) or a growing chunk.
-fn prepare_read(buf: &mut BytesMut, want: &mut usize, max_packet: usize) {
+fn prepare_read(buf: &mut BytesMut, want: usize, max_packet: usize) {
     let need = match protocol::frame_len(buf, max_packet) {
         Ok(Some(total)) => total.saturating_sub(buf.len()).min(READ_BUF_MAX),
         _ => 0,
     };
     let spare = buf.capacity() - buf.len();
-    let target = need.max(*want);
-    if spare < target.max(64) {
-        buf.reserve(target);
+    if spare < need.max(MIN_SPARE) {
+        buf.reserve(need.max(want));
     }
 }
 
@@ -42,9 +43,8 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     let key = core.borrow_mut().register(ctl.clone());
     let max_packet = core.borrow().settings().max_packet_size;
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
-    let mut want = READ_BUF_INITIAL;
     let connect = loop {
-        prepare_read(&mut buf, &mut want, max_packet);
+        prepare_read(&mut buf, READ_BUF_INITIAL, max_packet);
         let (res, b) = conn.read(buf).await;
         buf = b;
         if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
@@ -168,14 +168,17 @@ async fn established(core: CoreRef, key: usize, ctl: Rc<ConnCtl>, connect: Box<C
             break false;
         }
         wait_unblocked(&core).await;
-        if buf.capacity() - buf.len() == 0 && want < READ_BUF_MAX {
-            want *= 2;
-        }
-        prepare_read(&mut buf, &mut want, max_packet);
+        prepare_read(&mut buf, want, max_packet);
+        let spare = buf.capacity() - buf.len();
         let (res, b) = ctl.conn.read(buf).await;
         buf = b;
-        if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
-            break false;
+        let n = match res {
+            Ok(n) if n > 0 && !ctl.is_closing() => n,
+            _ => break false,
+        };
+        // A read that filled the buffer means more is waiting: read bigger next time.
+        if n == spare && want < READ_BUF_MAX {
+            want *= 2;
         }
         core.borrow_mut().touch(key, Instant::now());
     };
