@@ -26,5 +26,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test (unit, property and integration tests)"
 cargo test --workspace --release
-echo "== paho-mqtt tests"
-COREMQ_BIN="$PWD/target/release/coremq" python3 -m pytest -q tests/python
+for backend in uring epoll; do
+  echo "== paho-mqtt tests ($backend backend)"
+  COREMQ_BIN="$PWD/target/release/coremq" COREMQ_BACKEND=$backend python3 -m pytest -q tests/python
+done

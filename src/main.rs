@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::Parser as _;
 
 use coremq::cli::Cli;
 use coremq::config::{self, BackendChoice, Config};
@@ -81,7 +81,16 @@ fn settings(cfg: &Config) -> Settings {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message spans several lines (usage, hints); a bad flag gets one line, like a bad key.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            fail(format!("{} (see --help)", first.trim_start_matches("error: ")))
+        }
+    };
     let cfg = config::load(&cli).unwrap_or_else(|e| fail(e));
     let backend = choose_backend(cfg.backend);
     let sigset = block_signals();
@@ -130,7 +139,8 @@ fn main() {
     let listen: Vec<String> = addrs
         .iter()
         .map(|l| {
-            let anon = if l.allow_anonymous { "anonymous clients allowed" } else { "anonymous clients refused" };
+            let anon =
+                if l.allow_anonymous { "anonymous clients allowed" } else { "anonymous clients refused" };
             format!("{} ({anon})", l.bind)
         })
         .collect();
@@ -171,10 +181,8 @@ fn main() {
         }
     }
     let mut all = Stats::new();
-    let mut report = format!(
-        "coremq: shutdown on signal {sig} after {:.1} s\n",
-        started.elapsed().as_secs_f64()
-    );
+    let mut report =
+        format!("coremq: shutdown on signal {sig} after {:.1} s\n", started.elapsed().as_secs_f64());
     for (id, s) in per_core.iter().enumerate() {
         match s {
             Some(s) => {

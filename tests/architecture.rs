@@ -50,7 +50,9 @@ fn pure_modules_do_no_io() {
         if !(file.starts_with("protocol/") || file.starts_with("topic/") || file.starts_with("session/")) {
             continue;
         }
-        for word in ["crate::io", "crate::server", "crate::core", "tokio", "std::net", "std::fs", "Instant::now"] {
+        for word in
+            ["crate::io", "crate::server", "crate::core", "tokio", "std::net", "std::fs", "Instant::now"]
+        {
             // Tests may read the clock to build messages; the state machines themselves take time as input.
             if word == "Instant::now" && file.ends_with("tests.rs") {
                 continue;
@@ -64,7 +66,10 @@ fn pure_modules_do_no_io() {
 fn broker_state_is_never_behind_a_lock() {
     for (file, text) in sources() {
         for word in ["Mutex", "RwLock"] {
-            assert!(!code_lines(&text).any(|l| l.contains(word)), "{file} uses {word}: cores share no locked state");
+            assert!(
+                !code_lines(&text).any(|l| l.contains(word)),
+                "{file} uses {word}: cores share no locked state"
+            );
         }
     }
 }
@@ -72,7 +77,11 @@ fn broker_state_is_never_behind_a_lock() {
 #[test]
 fn only_xcore_and_main_touch_atomics() {
     for (file, text) in sources() {
-        if file.starts_with("xcore/") || file == "main.rs" || file.starts_with("io/") || file == "server/mod.rs" {
+        if file.starts_with("xcore/")
+            || file == "main.rs"
+            || file.starts_with("io/")
+            || file == "server/mod.rs"
+        {
             continue;
         }
         assert!(

@@ -346,7 +346,8 @@ impl Core {
             }
         };
         if route {
-            let msg = Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
+            let msg =
+                Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
             self.publish(msg);
         }
         Flow::Continue
@@ -404,7 +405,14 @@ impl Core {
     }
 
     /// One delivery to one session. `shared` caches the QoS 0 frame of this message on this core.
-    fn deliver_to(&mut self, skey: usize, msg: &Message, qos: QoS, retain: bool, shared: &mut Option<bytes::Bytes>) {
+    fn deliver_to(
+        &mut self,
+        skey: usize,
+        msg: &Message,
+        qos: QoS,
+        retain: bool,
+        shared: &mut Option<bytes::Bytes>,
+    ) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
         let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
         let limits = self.settings.limits;
@@ -423,8 +431,11 @@ impl Core {
                         .get_or_insert_with(|| {
                             // Frames are carved from 64 KiB blocks so that encoding costs an allocation
                             // per block, not per message.
-                            let need = protocol::publish_head_len(msg.topic.len(), QoS::AtMostOnce, msg.payload.len())
-                                + msg.payload.len();
+                            let need = protocol::publish_head_len(
+                                msg.topic.len(),
+                                QoS::AtMostOnce,
+                                msg.payload.len(),
+                            ) + msg.payload.len();
                             if self.frame_buf.capacity() < need {
                                 self.frame_buf.reserve(need.max(FRAME_BLOCK));
                             }
@@ -606,7 +617,9 @@ impl Core {
                         self.interest.remove(&filter, core);
                     }
                 }
-                XMsg::Handoff { stream, connect, buffered } => self.handoffs.push((stream, connect, buffered)),
+                XMsg::Handoff { stream, connect, buffered } => {
+                    self.handoffs.push((stream, connect, buffered))
+                }
             }
         }
         self.inbound = batch;

@@ -239,7 +239,15 @@ fn encode_outbox(ob: &mut Outbox, version: ProtocolVersion, iov: &mut Vec<Bytes>
                 stamps.push(received);
             }
             OutFrame::Publish { msg, qos, pkid, dup, retain } => {
-                protocol::encode_publish_head(msg.topic.as_str(), qos, pkid, dup, retain, msg.payload.len(), &mut head);
+                protocol::encode_publish_head(
+                    msg.topic.as_str(),
+                    qos,
+                    pkid,
+                    dup,
+                    retain,
+                    msg.payload.len(),
+                    &mut head,
+                );
                 if !msg.payload.is_empty() {
                     push_head(&mut head, iov);
                     iov.push(msg.payload);

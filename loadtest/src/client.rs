@@ -1,0 +1,216 @@
+//! One MQTT 3.1.1 client connection: handshake, batched writes, large reads that yield many
+//! packets, and a clean close.
+
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use coremq::protocol::{
+    decode, encode, ConnAck, Connect, ConnectReturnCode, Packet, ProtocolVersion, QoS, SubAckCode, Subscribe,
+    SubscribeFilter, Utf8Bytes,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+/// Read size: one read can carry hundreds of small PUBLISHes.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// The largest packet MQTT can express; the swarm accepts whatever its broker sends.
+const MAX_PACKET: usize = 268_435_455 + 5;
+/// Keep-alive announced in CONNECT.
+pub const KEEP_ALIVE_SECS: u16 = 60;
+
+/// `io::Error` text without the " (os error 111)" suffix, for one-line messages.
+pub fn io_text(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+fn code_text(code: ConnectReturnCode) -> &'static str {
+    match code {
+        ConnectReturnCode::Accepted => "accepted",
+        ConnectReturnCode::UnacceptableProtocolVersion => "unacceptable protocol version",
+        ConnectReturnCode::IdentifierRejected => "identifier rejected",
+        ConnectReturnCode::ServerUnavailable => "server unavailable",
+        ConnectReturnCode::BadUserNameOrPassword => "bad user name or password",
+        ConnectReturnCode::NotAuthorized => "not authorized",
+    }
+}
+
+/// A connected, CONNACKed client.
+pub struct Conn {
+    /// The socket; public so callers can `select!` on a read next to other events.
+    pub stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    pub rbuf: BytesMut,
+    /// Bytes encoded but not yet written.
+    pub wbuf: BytesMut,
+}
+
+impl Conn {
+    /// Opens a TCP connection to `addr`, sends CONNECT (clean session, `client_id`) and waits for
+    /// an accepting CONNACK, all within `limit`. Errors are one line ("Connection refused",
+    /// "CONNACK code 5 (not authorized)", "timed out after 10 s").
+    pub async fn connect(addr: &str, client_id: &str, limit: Duration) -> Result<Conn, String> {
+        match timeout(limit, Conn::connect_inner(addr, client_id)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {} s", limit.as_secs_f64())),
+        }
+    }
+
+    async fn connect_inner(addr: &str, client_id: &str) -> Result<Conn, String> {
+        let stream = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
+        // Writes are already batched by the swarm; Nagle would only add latency to the tail.
+        stream.set_nodelay(true).map_err(|e| io_text(&e))?;
+        let mut conn =
+            Conn { stream, rbuf: BytesMut::with_capacity(READ_CHUNK), wbuf: BytesMut::with_capacity(READ_CHUNK) };
+        let connect = Connect {
+            protocol: ProtocolVersion::V3_1_1,
+            clean_session: true,
+            keep_alive: KEEP_ALIVE_SECS,
+            client_id: Utf8Bytes::copy_from_str(client_id),
+            will: None,
+            username: None,
+            password: None,
+        };
+        conn.queue(&Packet::Connect(Box::new(connect)));
+        conn.flush().await.map_err(|e| io_text(&e))?;
+        loop {
+            match conn.next_packet()? {
+                Some(Packet::ConnAck(ConnAck { code: ConnectReturnCode::Accepted, .. })) => return Ok(conn),
+                Some(Packet::ConnAck(ConnAck { code, .. })) => {
+                    return Err(format!("CONNACK code {} ({})", code as u8, code_text(code)))
+                }
+                Some(other) => return Err(format!("expected CONNACK, got {}", packet_name(&other))),
+                None => conn.read_more().await?,
+            }
+        }
+    }
+
+    /// Subscribes to `filter` at `qos` and waits for the SUBACK. `Ok(false)` if the broker
+    /// answered with the failure code (0x80): the connection stays usable.
+    pub async fn subscribe(&mut self, filter: &str, qos: QoS, limit: Duration) -> Result<bool, String> {
+        let sub = Subscribe {
+            pkid: 1,
+            filters: vec![SubscribeFilter { filter: Utf8Bytes::copy_from_str(filter), qos }].into(),
+        };
+        self.queue(&Packet::Subscribe(sub));
+        let wait = async {
+            self.flush().await.map_err(|e| io_text(&e))?;
+            loop {
+                match self.next_packet()? {
+                    Some(Packet::SubAck(ack)) if ack.pkid == 1 => {
+                        return Ok(!matches!(ack.codes.first(), Some(SubAckCode::Failure) | None))
+                    }
+                    // Nothing is published before every subscriber is ready, so anything else
+                    // is a broker oddity, not data to account for.
+                    Some(_) => {}
+                    None => self.read_more().await?,
+                }
+            }
+        };
+        match timeout(limit, wait).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no SUBACK within {} s", limit.as_secs_f64())),
+        }
+    }
+
+    /// Appends `p` to the write buffer.
+    pub fn queue(&mut self, p: &Packet) {
+        encode(p, ProtocolVersion::V3_1_1, &mut self.wbuf);
+    }
+
+    /// Writes the whole write buffer in one go (as few syscalls as the kernel allows).
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// One read of up to [`READ_CHUNK`] bytes; the broker closing is an error.
+    pub async fn read_more(&mut self) -> Result<(), String> {
+        let n = read_chunk(&mut self.stream, &mut self.rbuf).await;
+        after_read(n)
+    }
+
+    /// Decodes the next complete packet from the read buffer, if any.
+    pub fn next_packet(&mut self) -> Result<Option<Packet>, String> {
+        decode(&mut self.rbuf, ProtocolVersion::V3_1_1, MAX_PACKET).map_err(|e| format!("from broker: {e}"))
+    }
+
+    /// Sends DISCONNECT, half-closes and waits (at most a second) for the broker to close, so the
+    /// socket never ends with a reset that could discard data the broker has not read yet.
+    pub async fn close(mut self) {
+        self.queue(&Packet::Disconnect);
+        if self.flush().await.is_err() {
+            return;
+        }
+        if self.stream.shutdown().await.is_err() {
+            return;
+        }
+        let drain = async {
+            loop {
+                self.rbuf.clear();
+                match read_chunk(&mut self.stream, &mut self.rbuf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = timeout(Duration::from_secs(1), drain).await;
+    }
+}
+
+/// `read_buf` with room for a full chunk. Cancel-safe (tokio's `read_buf` is), so it can be a
+/// `select!` branch.
+pub async fn read_chunk(stream: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<usize> {
+    rbuf.reserve(READ_CHUNK);
+    stream.read_buf(rbuf).await
+}
+
+/// Turns the result of [`read_chunk`] into "got bytes" or a one-line error.
+pub fn after_read(n: io::Result<usize>) -> Result<(), String> {
+    match n {
+        Ok(0) => Err("broker closed the connection".to_string()),
+        Ok(_) => Ok(()),
+        Err(e) => Err(io_text(&e)),
+    }
+}
+
+/// Short packet name for error messages.
+pub fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::PubRec(_) => "PUBREC",
+        Packet::PubRel(_) => "PUBREL",
+        Packet::PubComp(_) => "PUBCOMP",
+        Packet::Subscribe(_) => "SUBSCRIBE",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::Unsubscribe(_) => "UNSUBSCRIBE",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingReq => "PINGREQ",
+        Packet::PingResp => "PINGRESP",
+        Packet::Disconnect => "DISCONNECT",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_text_drops_os_error_suffix() {
+        let e = io::Error::from_raw_os_error(libc::ECONNREFUSED);
+        assert_eq!(io_text(&e), "Connection refused");
+        let e = io::Error::other("plain");
+        assert_eq!(io_text(&e), "plain");
+    }
+}

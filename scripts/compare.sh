@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Runs coremq and mosquitto one after the other, each pinned to the same single core with the publisher
+# swarm pinned to another, over the same scenarios, and prints one table: delivered msgs/s, latency
+# percentiles, broker CPU µs per delivered message (utime+stime from /proc), broker RSS, and the
+# coremq/mosquitto ratio of each row. Then one row of coremq on 2 threads.
+#
+#   scripts/compare.sh [--duration SECS] [--quick]
+#
+# Environment: BROKER_CPU (default 0), SWARM_CPU (default 1), PAYLOAD (default 64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=5
+WARMUP=1
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --duration) DURATION="$2"; shift 2 ;;
+    --quick) DURATION=2; WARMUP=1; shift ;;
+    *) echo "usage: $0 [--duration SECS] [--quick]" >&2; exit 2 ;;
+  esac
+done
+BROKER_CPU=${BROKER_CPU:-0}
+SWARM_CPU=${SWARM_CPU:-1}
+PAYLOAD=${PAYLOAD:-64}
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  echo "== installing mosquitto" >&2
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq mosquitto >/dev/null
+fi
+MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+
+echo "== building coremq and coremq-swarm (release)" >&2
+cargo build --release -q --bin coremq --bin coremq-swarm
+COREMQ=target/release/coremq
+SWARM=target/release/coremq-swarm
+
+WORK=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# cpu_ticks PID -> utime+stime in clock ticks
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+wait_port() {
+  for _ in $(seq 1 250); do
+    if python3 -c "import socket,sys; socket.create_connection(('127.0.0.1',$1),0.2).close()" 2>/dev/null; then return 0; fi
+    sleep 0.02
+  done
+  echo "broker did not start on port $1" >&2; return 1
+}
+
+# start_broker NAME PORT THREADS -> sets BROKER_PID
+start_broker() {
+  local name=$1 port=$2 threads=$3
+  case "$name" in
+    coremq)
+      local cpus="$BROKER_CPU"
+      [ "$threads" -gt 1 ] && cpus="0-$((threads - 1))"
+      "$COREMQ" --listen "127.0.0.1:$port" --threads "$threads" --cpus "$cpus" \
+        --max-queued-messages 100000 >"$WORK/broker.out" 2>"$WORK/broker.err" &
+      BROKER_PID=$! ;;
+    mosquitto)
+      printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n' "$port" >"$WORK/mosq.conf"
+      taskset -c "$BROKER_CPU" "$MOSQUITTO" -c "$WORK/mosq.conf" >"$WORK/broker.out" 2>&1 &
+      BROKER_PID=$! ;;
+  esac
+  wait_port "$port"
+}
+
+stop_broker() { kill -TERM "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; }
+
+# run_one BROKER THREADS LABEL SWARM-ARGS... -> appends a JSON row to $WORK/rows
+run_one() {
+  local broker=$1 threads=$2 label=$3; shift 3
+  local port; port=$(free_port)
+  start_broker "$broker" "$port" "$threads"
+  local t0 r0 json
+  t0=$(cpu_ticks "$BROKER_PID")
+  r0=$(date +%s.%N)
+  json=$("$SWARM" --port "$port" --cpus "$SWARM_CPU" --threads 1 --payload "$PAYLOAD" \
+           --duration "$DURATION" --warmup "$WARMUP" --json "$@" 2>"$WORK/swarm.err" | grep '^{"scenario"' || true)
+  local t1 rss
+  t1=$(cpu_ticks "$BROKER_PID")
+  rss=$(rss_kb "$BROKER_PID")
+  stop_broker
+  if [ -z "$json" ]; then
+    echo "swarm failed for $broker $label:" >&2; tail -3 "$WORK/swarm.err" >&2
+    json='{"received":0}'
+  fi
+  python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$(getconf CLK_TCK)" "$json" >>"$WORK/rows" <<'EOF'
+import json, sys
+broker, threads, label, ticks, rss, hz, row = sys.argv[1:]
+r = json.loads(row)
+r.update(broker=broker, threads=int(threads), label=label, cpu_s=int(ticks) / int(hz), rss_kb=int(rss))
+print(json.dumps(r))
+EOF
+}
+
+SCENARIOS=(
+  "qos0 fan-in 8->1|--scenario fan-in --qos 0 --connections 8"
+  "qos0 fan-out 1->16|--scenario fan-out --qos 0 --subscribers 16"
+  "qos1 32 pairs|--scenario pairs --qos 1 --connections 32"
+  "qos2 32 pairs|--scenario pairs --qos 2 --connections 32"
+  "qos1 16 pairs x 2000/s|--scenario pairs --qos 1 --connections 16 --rate 2000"
+)
+for entry in "${SCENARIOS[@]}"; do
+  label=${entry%%|*}; args=${entry#*|}
+  for broker in coremq mosquitto; do
+    echo "== $label on $broker" >&2
+    # shellcheck disable=SC2086
+    run_one "$broker" 1 "$label" $args
+  done
+done
+echo "== qos0 fan-in 8->1 on coremq, 2 threads" >&2
+run_one coremq 2 "qos0 fan-in 8->1 (2 threads)" --scenario fan-in --qos 0 --connections 8
+
+python3 - "$WORK/rows" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+def us_per_msg(r):
+    n = r.get("received", 0)
+    return r["cpu_s"] * 1e6 / n if n else float("nan")
+def rate(r):
+    return r.get("recv_rate", 0.0)
+hdr = f'{"scenario":<28} {"broker":<14} {"msgs/s":>10} {"p50 us":>8} {"p99 us":>8} {"p99.9 us":>9} {"CPU us/msg":>10} {"RSS MiB":>8} {"lost":>6}'
+print(hdr); print("-" * len(hdr))
+by = {}
+for r in rows:
+    by.setdefault(r["label"], {})[(r["broker"], r["threads"])] = r
+for label, d in by.items():
+    for (broker, threads), r in d.items():
+        name = broker if threads == 1 else f"{broker} x{threads}"
+        print(f'{label:<28} {name:<14} {rate(r):>10.0f} {r.get("lat_p50_us",0):>8} {r.get("lat_p99_us",0):>8} '
+              f'{r.get("lat_p999_us",0):>9} {us_per_msg(r):>10.2f} {r["rss_kb"]/1024:>8.1f} {r.get("lost",0):>6}')
+    c, m = d.get(("coremq", 1)), d.get(("mosquitto", 1))
+    if c and m:
+        def ratio(a, b):
+            return a / b if b else float("nan")
+        print(f'{"":<28} {"ratio c/m":<14} {ratio(rate(c), rate(m)):>10.2f} '
+              f'{ratio(c.get("lat_p50_us",0), m.get("lat_p50_us",0)):>8.2f} {ratio(c.get("lat_p99_us",0), m.get("lat_p99_us",0)):>8.2f} '
+              f'{ratio(c.get("lat_p999_us",0), m.get("lat_p999_us",0)):>9.2f} {ratio(us_per_msg(c), us_per_msg(m)):>10.3f} '
+              f'{ratio(c["rss_kb"], m["rss_kb"]):>8.2f}')
+EOF

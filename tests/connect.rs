@@ -1,0 +1,195 @@
+//! CONNECT / CONNACK handling, connection-level protocol violations, keep-alive and PING.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::raw::{self, Connect, Pkt, Raw};
+use common::tools::{mosquitto_pub, mosquitto_sub};
+use common::{client, qos, Backend, Broker, Settings, WAIT};
+
+backend_tests!(
+    v311_accepted,
+    v31_accepted,
+    empty_id_clean_session_gets_assigned_id,
+    empty_id_persistent_rejected,
+    unknown_protocol_level_rejected,
+    bad_protocol_name_closed,
+    first_packet_not_connect_closed,
+    silent_connection_closed_after_connect_timeout,
+    second_connect_closed,
+    keep_alive_expiry_closes_and_publishes_will,
+    pingreq_gets_pingresp,
+    oversized_packet_closes_connection,
+);
+
+async fn v311_accepted(b: Backend) {
+    let broker = Broker::start(b);
+    // Raw: exact CONNACK bytes for a fresh clean session.
+    let mut r = Raw::tcp(broker.port).await;
+    r.send(&Connect::new("v311-raw", true).encode()).await;
+    assert_eq!(r.recv().await, Pkt::ConnAck { session_present: false, code: 0 });
+    // And a real client library round-trips a message.
+    let mut c = client(broker.port, "v311-lib").await;
+    assert!(!c.connack.session_present);
+    c.subscribe("v311/t", qos(1)).await;
+    c.publish("v311/t", qos(1), false, "hi").await;
+    assert_eq!(&c.recv().await.payload[..], b"hi");
+}
+
+async fn v31_accepted(b: Backend) {
+    let broker = Broker::start(b);
+    // Raw 3.1 CONNECT: protocol name MQIsdp, level 3.
+    let mut c = Connect::new("v31-raw", true);
+    c.protocol_name = "MQIsdp".into();
+    c.level = 3;
+    let (mut r, sp) = Raw::connect_with(broker.port, &c).await;
+    assert!(!sp);
+    assert_eq!(r.subscribe(1, &[("v31/#", 1)]).await, vec![1]);
+
+    // mosquitto_pub speaking 3.1 is accepted and its message routed.
+    let mut sub = mosquitto_sub(broker.port, &["-V", "mqttv311", "-t", "v31/cli", "-q", "1"]).await;
+    let out = mosquitto_pub(
+        broker.port,
+        &["-V", "mqttv31", "-i", "v31-pub", "-t", "v31/cli", "-m", "from31", "-q", "1"],
+    )
+    .await;
+    assert_eq!(out.code, Some(0), "mosquitto_pub -V mqttv31 failed: {out:?}");
+    assert_eq!(sub.recv().await, "v31/cli from31");
+    let m = r.recv_publish().await;
+    assert_eq!((m.topic.as_str(), &m.payload[..], m.qos), ("v31/cli", &b"from31"[..], 1));
+    r.send(&raw::puback(m.pkid)).await;
+}
+
+async fn empty_id_clean_session_gets_assigned_id(b: Backend) {
+    let broker = Broker::start(b);
+    // Two anonymous clients at once: each must get its own assigned id, so neither takes
+    // the other over.
+    let (mut a, _) = Raw::connect(broker.port, "", true).await;
+    let (mut c, _) = Raw::connect(broker.port, "", true).await;
+    assert_eq!(a.subscribe(1, &[("anon/t", 0)]).await, vec![0]);
+    assert_eq!(c.subscribe(1, &[("anon/t", 0)]).await, vec![0]);
+    c.send(&raw::publish("anon/t", 0, false, false, 0, b"x")).await;
+    assert_eq!(a.recv_publish().await.payload, b"x");
+    assert_eq!(c.recv_publish().await.payload, b"x");
+}
+
+async fn empty_id_persistent_rejected(b: Backend) {
+    let broker = Broker::start(b);
+    let mut r = Raw::tcp(broker.port).await;
+    r.send(&Connect::new("", false).encode()).await;
+    assert_eq!(r.recv().await, Pkt::ConnAck { session_present: false, code: 0x02 });
+    r.expect_closed(WAIT).await;
+}
+
+async fn unknown_protocol_level_rejected(b: Backend) {
+    let broker = Broker::start(b);
+    let mut r = Raw::tcp(broker.port).await;
+    let mut c = Connect::new("level6", true);
+    c.level = 6;
+    r.send(&c.encode()).await;
+    assert_eq!(r.recv().await, Pkt::ConnAck { session_present: false, code: 0x01 });
+    r.expect_closed(WAIT).await;
+}
+
+async fn bad_protocol_name_closed(b: Backend) {
+    let broker = Broker::start(b);
+    let mut r = Raw::tcp(broker.port).await;
+    let mut c = Connect::new("badname", true);
+    c.protocol_name = "MQTX".into();
+    r.send(&c.encode()).await;
+    let seen = r.expect_closed(WAIT).await;
+    // [MQTT-3.1.2-1]: the server may close with or without a refusing CONNACK, but must not
+    // accept the connection.
+    assert!(
+        seen.iter().all(|p| matches!(p, Pkt::ConnAck { code, .. } if *code != 0)),
+        "bad protocol name answered with {seen:?}"
+    );
+}
+
+async fn first_packet_not_connect_closed(b: Backend) {
+    let broker = Broker::start(b);
+    for first in [raw::pingreq(), raw::subscribe(1, &[("x", 0)]), raw::publish("x", 0, false, false, 0, b"p")]
+    {
+        let mut r = Raw::tcp(broker.port).await;
+        r.send(&first).await;
+        let seen = r.expect_closed(WAIT).await;
+        assert!(seen.is_empty(), "first packet {first:?} (not CONNECT) answered with {seen:?}");
+    }
+}
+
+async fn silent_connection_closed_after_connect_timeout(b: Backend) {
+    if common::skip_unless_coremq("--connect-timeout") {
+        return;
+    }
+    let broker = Broker::start_with(b, &Settings { connect_timeout: Some(1), ..Default::default() });
+    let mut r = Raw::tcp(broker.port).await;
+    let t0 = Instant::now();
+    let seen = r.expect_closed(Duration::from_secs(3)).await;
+    let took = t0.elapsed();
+    assert!(seen.is_empty(), "got {seen:?}");
+    assert!(took >= Duration::from_millis(800), "closed too early: {took:?} (timeout is 1 s)");
+}
+
+async fn second_connect_closed(b: Backend) {
+    let broker = Broker::start(b);
+    let (mut r, _) = Raw::connect(broker.port, "twice", true).await;
+    r.send(&Connect::new("twice", true).encode()).await;
+    let seen = r.expect_closed(WAIT).await;
+    assert!(seen.is_empty(), "second CONNECT answered with {seen:?}");
+}
+
+async fn keep_alive_expiry_closes_and_publishes_will(b: Backend) {
+    let broker = Broker::start(b);
+    let mut watcher = client(broker.port, "ka-watch").await;
+    watcher.subscribe("ka/will", qos(1)).await;
+
+    let mut c = Connect::new("ka-client", true);
+    c.keep_alive = 1;
+    c.will = Some(("ka/will".into(), b"gone".to_vec(), 1, false));
+    let t0 = Instant::now();
+    let (mut r, _) = Raw::connect_with(broker.port, &c).await;
+    // Send nothing: the broker must close us after 1.5 x keep-alive. mosquitto 2.0.11 checks
+    // keep-alives lazily (1.6 s to ~6 s measured here), so the reference gets more slack.
+    let bound = if common::use_mosquitto() { Duration::from_secs(10) } else { Duration::from_secs(3) };
+    let seen = r.expect_closed(bound).await;
+    let took = t0.elapsed();
+    assert!(seen.is_empty(), "got {seen:?}");
+    assert!(took >= Duration::from_millis(900), "closed before keep-alive ran out: {took:?}");
+    let w = watcher.recv().await;
+    assert_eq!((w.topic.as_str(), &w.payload[..]), ("ka/will", &b"gone"[..]));
+    assert_eq!(w.qos, qos(1));
+}
+
+async fn pingreq_gets_pingresp(b: Backend) {
+    let broker = Broker::start(b);
+    let mut c = Connect::new("pinger", true);
+    c.keep_alive = 1;
+    let (mut r, _) = Raw::connect_with(broker.port, &c).await;
+    for _ in 0..3 {
+        r.send(&raw::pingreq()).await;
+        assert_eq!(r.recv().await, Pkt::PingResp);
+    }
+    // Pings paced below the keep-alive keep the connection open well past 1.5 x keep-alive.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        r.send(&raw::pingreq()).await;
+        assert_eq!(r.recv().await, Pkt::PingResp);
+    }
+    r.send(&raw::pingreq()).await;
+    assert_eq!(r.recv().await, Pkt::PingResp);
+}
+
+async fn oversized_packet_closes_connection(b: Backend) {
+    let broker = Broker::start_with(b, &Settings { max_packet_size: Some(1024), ..Default::default() });
+    let mut watch = client(broker.port, "big-watch").await;
+    watch.subscribe("big/#", qos(0)).await;
+    let (mut r, _) = Raw::connect(broker.port, "big-pub", true).await;
+    // Just under the limit passes...
+    r.send(&raw::publish("big/ok", 0, false, false, 0, &[7u8; 900])).await;
+    assert_eq!(watch.recv().await.payload.len(), 900);
+    // ...over it closes the connection and nothing is routed.
+    r.send_lossy(&raw::publish("big/no", 0, false, false, 0, &[7u8; 2000])).await;
+    r.expect_closed(WAIT).await;
+    watch.expect_nothing().await;
+}
