@@ -66,6 +66,25 @@ impl Source {
     }
 }
 
+/// Busy-waits briefly, then yields the CPU: with two shared cores the peer thread may be waiting for this
+/// very CPU, and pure spinning would then advance only once per scheduler time slice. (The runtime itself
+/// sleeps on `room` / `wake` instead.)
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    const SPINS: u32 = 64;
+
+    fn wait(&mut self) {
+        if self.0 < Self::SPINS {
+            self.0 += 1;
+            std::hint::spin_loop();
+        } else {
+            thread::yield_now();
+        }
+    }
+}
+
 /// One producer tick: stage `n` messages for core `dst`, push them all, wake.
 fn tick(mesh: &mut Mesh, dst: usize, src: &Source, kind: Kind, n: usize) {
     let received = Instant::now();
@@ -74,8 +93,9 @@ fn tick(mesh: &mut Mesh, dst: usize, src: &Source, kind: Kind, n: usize) {
     }
     // A full ring keeps the rest staged; the runtime would stop reading sockets and wait for `room`,
     // here the producer simply retries until the consumer made space.
+    let mut backoff = Backoff::default();
     while !mesh.flush() {
-        std::hint::spin_loop();
+        backoff.wait();
     }
     mesh.wake_peers();
 }
@@ -103,6 +123,7 @@ impl Drop for StopOnDrop<'_> {
 
 fn consumer(mut mesh: Mesh, shared: &Shared) {
     let mut out = Vec::with_capacity(RING_CAPACITY);
+    let mut backoff = Backoff::default();
     while !shared.stop.load(Ordering::Acquire) {
         if !shared.active.load(Ordering::Acquire) {
             // Between measurements this thread must not burn the core criterion analyses on; a timeout
@@ -112,9 +133,10 @@ fn consumer(mut mesh: Mesh, shared: &Shared) {
         }
         let n = mesh.drain(usize::MAX, &mut out);
         if n == 0 {
-            std::hint::spin_loop();
+            backoff.wait();
             continue;
         }
+        backoff = Backoff::default();
         out.clear();
         shared.consumed.fetch_add(n as u64, Ordering::Release);
     }
@@ -148,8 +170,9 @@ fn bench_two_threads(c: &mut Criterion) {
                             tick(&mut tx, 1, &src, kind, n as usize);
                             left -= n;
                         }
+                        let mut backoff = Backoff::default();
                         while shared.consumed.load(Ordering::Acquire) < target {
-                            std::hint::spin_loop();
+                            backoff.wait();
                         }
                         let elapsed = start.elapsed();
                         shared.active.store(false, Ordering::Release);

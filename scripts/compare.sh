@@ -32,7 +32,7 @@ fi
 MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto)
 
 echo "== building coremq and coremq-swarm (release)" >&2
-cargo build --release -q --bin coremq --bin coremq-swarm
+cargo build --release -q -p coremq -p coremq-swarm
 COREMQ=target/release/coremq
 SWARM=target/release/coremq-swarm
 

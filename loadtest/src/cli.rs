@@ -11,6 +11,8 @@ use crate::stamp::STAMP_LEN;
 /// Upper bound on `--connections` / `--subscribers`: a bounded run, and far more than the
 /// machine's ephemeral ports or file descriptors allow anyway.
 pub const MAX_CONNECTIONS: u32 = 1_000_000;
+/// Most publishers a run can have: the stamp carries a 16-bit publisher id.
+pub const MAX_PUBLISHERS: u32 = 1 << 16;
 /// Upper bound on `--payload`: keeps a batch of publishes from eating gigabytes.
 pub const MAX_PAYLOAD: usize = 16 * 1024 * 1024;
 /// Upper bound on `--duration` and `--warmup`, one day.
@@ -216,17 +218,34 @@ impl Args {
         }
 
         let (connections, subscribers) = match scenario {
-            Scenario::FanIn => (count("connections", self.connections, 8)?, count("subscribers", self.subscribers, 1)?),
+            Scenario::FanIn => {
+                (count("connections", self.connections, 8)?, count("subscribers", self.subscribers, 1)?)
+            }
             Scenario::FanOut => {
                 let s = count("subscribers", self.subscribers.or(self.connections), 16)?;
                 (s, s)
             }
             Scenario::Pairs => (count("connections", self.connections, 16)?, 0),
-            Scenario::Shared => (count("connections", self.connections, 8)?, count("subscribers", self.subscribers, 4)?),
+            Scenario::Shared => {
+                (count("connections", self.connections, 8)?, count("subscribers", self.subscribers, 4)?)
+            }
             Scenario::Storm => (count("connections", self.connections, 1000)?, 0),
-            Scenario::Iot => (count("connections", self.connections, 100)?, count("subscribers", self.subscribers, 1)?),
+            Scenario::Iot => {
+                (count("connections", self.connections, 100)?, count("subscribers", self.subscribers, 1)?)
+            }
         };
 
+        let n_pubs = match scenario {
+            Scenario::FanIn | Scenario::Pairs | Scenario::Shared | Scenario::Iot => connections,
+            Scenario::FanOut => 1,
+            Scenario::Storm => 0,
+        };
+        if n_pubs > MAX_PUBLISHERS {
+            return Err(format!("at most {MAX_PUBLISHERS} publishers per run, not {n_pubs}"));
+        }
+        // Topics carry the pid so that concurrent or back-to-back runs on one broker never see
+        // each other's traffic (the stamp's run tag catches whatever still gets through).
+        let pid = std::process::id();
         let mut publishers = Vec::new();
         let mut subs = Vec::new();
         let mut add_sub = |filter: String, pubs: (u32, u32), group: Option<u32>| {
@@ -236,36 +255,36 @@ impl Args {
         match scenario {
             Scenario::FanIn => {
                 for p in 0..connections {
-                    publishers.push(PubSpec { id: p, topic: format!("swarm/fan-in/{p}") });
+                    publishers.push(PubSpec { id: p, topic: format!("swarm/{pid}/fan-in/{p}") });
                 }
                 for _ in 0..subscribers {
-                    add_sub("swarm/fan-in/+".to_string(), (0, connections), None);
+                    add_sub(format!("swarm/{pid}/fan-in/+"), (0, connections), None);
                 }
             }
             Scenario::FanOut => {
-                publishers.push(PubSpec { id: 0, topic: "swarm/fan-out".to_string() });
+                publishers.push(PubSpec { id: 0, topic: format!("swarm/{pid}/fan-out") });
                 for _ in 0..subscribers {
-                    add_sub("swarm/fan-out".to_string(), (0, 1), None);
+                    add_sub(format!("swarm/{pid}/fan-out"), (0, 1), None);
                 }
             }
             Scenario::Pairs => {
                 for p in 0..connections {
-                    publishers.push(PubSpec { id: p, topic: format!("swarm/pairs/{p}") });
-                    add_sub(format!("swarm/pairs/{p}"), (p, p + 1), None);
+                    publishers.push(PubSpec { id: p, topic: format!("swarm/{pid}/pairs/{p}") });
+                    add_sub(format!("swarm/{pid}/pairs/{p}"), (p, p + 1), None);
                 }
             }
             Scenario::Shared => {
                 for p in 0..connections {
-                    publishers.push(PubSpec { id: p, topic: format!("swarm/shared/{p}") });
+                    publishers.push(PubSpec { id: p, topic: format!("swarm/{pid}/shared/{p}") });
                 }
                 for _ in 0..subscribers {
-                    add_sub("$share/g/swarm/shared/+".to_string(), (0, connections), Some(0));
+                    add_sub(format!("$share/g/swarm/{pid}/shared/+"), (0, connections), Some(0));
                 }
             }
             Scenario::Storm => {}
             Scenario::Iot => {
                 for d in 0..connections {
-                    publishers.push(PubSpec { id: d, topic: format!("iot/{d}/telemetry") });
+                    publishers.push(PubSpec { id: d, topic: format!("iot/swarm-{pid}-{d}/telemetry") });
                 }
                 for _ in 0..subscribers {
                     add_sub("iot/+/telemetry".to_string(), (0, connections), None);
@@ -327,7 +346,8 @@ mod tests {
 
         let p = plan(&["iot", "--connections", "10"]).unwrap();
         assert_eq!(p.rate, 1.0);
-        assert_eq!(p.publishers[7].topic, "iot/7/telemetry");
+        assert_eq!(p.publishers[7].topic, format!("iot/swarm-{}-7/telemetry", std::process::id()));
+        assert!(plan(&["iot", "--connections", "65537"]).unwrap_err().contains("publishers"));
 
         let p = plan(&["storm", "--connections", "10"]).unwrap();
         assert!(p.publishers.is_empty() && p.subscriber_specs.is_empty());

@@ -65,8 +65,11 @@ impl Conn {
         let stream = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
         // Writes are already batched by the swarm; Nagle would only add latency to the tail.
         stream.set_nodelay(true).map_err(|e| io_text(&e))?;
-        let mut conn =
-            Conn { stream, rbuf: BytesMut::with_capacity(READ_CHUNK), wbuf: BytesMut::with_capacity(READ_CHUNK) };
+        let mut conn = Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(READ_CHUNK),
+            wbuf: BytesMut::with_capacity(READ_CHUNK),
+        };
         let connect = Connect {
             protocol: ProtocolVersion::V3_1_1,
             clean_session: true,
@@ -115,6 +118,25 @@ impl Conn {
         match timeout(limit, wait).await {
             Ok(r) => r,
             Err(_) => Err(format!("no SUBACK within {} s", limit.as_secs_f64())),
+        }
+    }
+
+    /// Caps the kernel send buffer at `bytes` (Linux doubles it). For flooding publishers: with
+    /// the default autotuned buffers (megabytes per socket) an open-loop QoS 0 flood mostly
+    /// measures how many messages fit in the kernel, and a run's warmup backlog outlives the run.
+    pub fn limit_send_buffer(&self, bytes: usize) {
+        use std::os::fd::AsRawFd;
+        let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        // SAFETY: a valid socket fd owned by `self.stream`, and a pointer to a live c_int whose
+        // size is what we pass. Failure only leaves the default buffer size, which is harmless.
+        unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
         }
     }
 

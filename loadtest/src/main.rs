@@ -57,7 +57,8 @@ fn main() -> ExitCode {
         eprintln!("coremq-swarm: cannot connect to {}: {e}", plan.addr);
         return ExitCode::from(2);
     }
-    let summary = if plan.scenario == Scenario::Storm { run_storm(plan.clone()) } else { run_messages(plan.clone()) };
+    let summary =
+        if plan.scenario == Scenario::Storm { run_storm(plan.clone()) } else { run_messages(plan.clone()) };
     if plan.json {
         println!("{}", summary.json());
     } else {
@@ -106,7 +107,8 @@ fn probe(addr: &str) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     rt.block_on(async {
-        let conn = Conn::connect(addr, &format!("swarm-{}-probe-0", std::process::id()), CONNECT_TIMEOUT).await?;
+        let conn =
+            Conn::connect(addr, &format!("swarm-{}-probe-0", std::process::id()), CONNECT_TIMEOUT).await?;
         conn.close().await;
         Ok(())
     })
@@ -124,8 +126,11 @@ fn spawn_threads(
             w.subs.push(s.clone());
         }
     }
+    // Publishers continue the round-robin where subscribers stopped, so that with two threads
+    // and one subscriber (fan-in) the subscriber does not share its thread with a publisher.
+    let n_subs = ctx.plan.subscriber_specs.len();
     for (i, p) in ctx.plan.publishers.iter().enumerate() {
-        if let Some(w) = work.get_mut(i % threads) {
+        if let Some(w) = work.get_mut((n_subs + i) % threads) {
             w.pubs.push(p.clone());
         }
     }
@@ -326,9 +331,9 @@ fn run_messages(plan: Plan) -> Summary {
                 }
             }
             Some(g) => {
-                let entry = groups
-                    .entry(g)
-                    .or_insert_with(|| ((lo, hi), vec![StreamTracker::new(); hi.saturating_sub(lo) as usize]));
+                let entry = groups.entry(g).or_insert_with(|| {
+                    ((lo, hi), vec![StreamTracker::new(); hi.saturating_sub(lo) as usize])
+                });
                 for (merged, t) in entry.1.iter_mut().zip(&trackers) {
                     merged.merge(t);
                 }
@@ -387,7 +392,10 @@ fn run_storm(plan: Plan) -> Summary {
             Err(_) => break,
         }
         if progress.last.elapsed() >= Duration::from_secs(1) {
-            eprintln!("coremq-swarm: {:6.1}s connect  {ok} connected, {failed} failed", progress.started.elapsed().as_secs_f64());
+            eprintln!(
+                "coremq-swarm: {:6.1}s connect  {ok} connected, {failed} failed",
+                progress.started.elapsed().as_secs_f64()
+            );
             progress.last = Instant::now();
         }
     }
@@ -395,12 +403,18 @@ fn run_storm(plan: Plan) -> Summary {
     failed = u64::from(plan.connections) - ok;
     show_errors(&errors);
     let connect_secs = last_ns.saturating_sub(t0) as f64 / 1e9;
-    eprintln!("coremq-swarm: {ok} connected, {failed} failed in {connect_secs:.3} s; holding {} s", plan.duration.as_secs_f64());
+    eprintln!(
+        "coremq-swarm: {ok} connected, {failed} failed in {connect_secs:.3} s; holding {} s",
+        plan.duration.as_secs_f64()
+    );
     let hold_until = Instant::now() + plan.duration;
     while Instant::now() < hold_until {
         std::thread::sleep(hold_until.saturating_duration_since(Instant::now()).min(Duration::from_secs(1)));
         if Instant::now() < hold_until {
-            eprintln!("coremq-swarm: {:6.1}s hold     {ok} connections open", progress.started.elapsed().as_secs_f64());
+            eprintln!(
+                "coremq-swarm: {:6.1}s hold     {ok} connections open",
+                progress.started.elapsed().as_secs_f64()
+            );
         }
     }
     phase.send_replace(Phase::Stop);

@@ -22,6 +22,8 @@ use crate::stamp::{Stamp, STAMP_LEN};
 pub const WINDOW: u32 = 64;
 /// Target size of one batched write of QoS 0 publishes.
 const BATCH_BYTES: usize = 64 * 1024;
+/// Send buffer of unthrottled publishers: a few batches, so backpressure reaches them quickly.
+const PUB_SNDBUF: usize = 128 * 1024;
 /// Most messages encoded into one write.
 const BATCH_MAX: u64 = 256;
 /// PINGREQ interval: half the keep-alive, so only runs longer than 30 s send any.
@@ -69,6 +71,8 @@ pub struct Ctx {
     pub base: Instant,
     /// Process id, for client ids.
     pub pid: u32,
+    /// Run tag carried in every stamp.
+    pub tag: u16,
     /// Per publisher: messages sent during the measured window.
     pub sent: Vec<AtomicU64>,
     /// Messages sent, warmup included (progress line).
@@ -95,11 +99,19 @@ impl Ctx {
     /// A context for `plan`, its clock starting now.
     pub fn new(plan: Plan) -> Ctx {
         let base = Instant::now();
+        let pid = std::process::id();
+        // Pid and wall-clock nanoseconds: differs between back-to-back runs even if a pid repeats.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tag = ((pid ^ nanos ^ (nanos >> 16)) & 0xffff) as u16;
         let sent = (0..plan.publishers.len()).map(|_| AtomicU64::new(0)).collect();
         Ctx {
             plan,
             base,
-            pid: std::process::id(),
+            pid,
+            tag,
             sent,
             sent_all: AtomicU64::new(0),
             recv_all: AtomicU64::new(0),
@@ -227,8 +239,7 @@ pub fn thread_main(
             }
         }
     });
-    let taken = out.replace(ThreadOut::new());
-    taken
+    out.replace(ThreadOut::new())
 }
 
 /// Waits for the end of [`Phase::Setup`]; `true` if it is [`Phase::Go`].
@@ -240,7 +251,11 @@ async fn wait_go(phase: &mut watch::Receiver<Phase>) -> bool {
 }
 
 /// Keeps an idle connection alive (PINGREQ every 30 s, replies discarded) until [`Phase::Stop`].
-async fn idle_until_stop(conn: &mut Conn, ctx: &Ctx, phase: &mut watch::Receiver<Phase>) -> Result<(), String> {
+async fn idle_until_stop(
+    conn: &mut Conn,
+    ctx: &Ctx,
+    phase: &mut watch::Receiver<Phase>,
+) -> Result<(), String> {
     let mut next_ping = ctx.now_ns().saturating_add(PING_NS);
     loop {
         if *phase.borrow_and_update() == Phase::Stop {
@@ -337,6 +352,9 @@ async fn publisher(
             return;
         }
     };
+    if ctx.plan.rate == 0.0 {
+        conn.limit_send_buffer(PUB_SNDBUF);
+    }
     if !wait_go(&mut phase).await {
         conn.close().await;
         return;
@@ -409,18 +427,21 @@ async fn publish_loop(
                     }
                 };
                 encode_publish_head(&spec.topic, qos, pkid, false, false, plan.payload, &mut conn.wbuf);
-                conn.wbuf.extend_from_slice(&Stamp { publisher: spec.id, seq, sent_ns: stamp_ns }.to_bytes());
+                let stamp = Stamp { tag: ctx.tag, publisher: spec.id as u16, seq, sent_ns: stamp_ns };
+                conn.wbuf.extend_from_slice(&stamp.to_bytes());
                 conn.wbuf.extend_from_slice(&filler);
                 seq += 1;
                 written += 1;
             }
-            flush_by(conn, write_deadline).await?;
+            // Counted before the write: if it fails part of the batch may still have reached the
+            // broker, and a receiver must never see more than its publisher claims to have sent.
             ctx.sent_all.fetch_add(written, Relaxed);
             if stamp_ns >= measure {
                 if let Some(slot) = sent_slot {
                     slot.fetch_add(written, Relaxed);
                 }
             }
+            flush_by(conn, write_deadline).await?;
             if qos == QoS::AtMostOnce && plan.rate == 0.0 {
                 // Nothing else makes this loop wait while the socket takes data: let the thread's
                 // other clients (subscribers above all) run between batches.
@@ -575,10 +596,15 @@ fn subscriber_input(
             foreign += 1;
             continue;
         };
+        if stamp.tag != ctx.tag {
+            foreign += 1;
+            continue;
+        }
         if stamp.sent_ns < measure {
             continue; // warmup
         }
-        let Some(t) = stamp.publisher.checked_sub(lo).and_then(|i| trackers.get_mut(i as usize)) else {
+        let Some(t) = u32::from(stamp.publisher).checked_sub(lo).and_then(|i| trackers.get_mut(i as usize))
+        else {
             foreign += 1;
             continue;
         };

@@ -42,8 +42,10 @@ pub enum XMsg {
     Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut },
 }
 
-/// Per-core flags and wake-ups that other threads may touch.
+/// Per-core flags and wake-ups that other threads may touch. Aligned to 128 bytes (two cache lines,
+/// for adjacent-line prefetch) so that one core's flags never share a line with another's.
 #[derive(Debug, Default)]
+#[repr(align(128))]
 pub struct Signal {
     /// The core is about to sleep or sleeping: a producer must wake it.
     pub parked: AtomicBool,
@@ -168,7 +170,9 @@ impl Mesh {
             let dst = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             let s = &self.signals[dst];
-            if s.parked.swap(false, Ordering::SeqCst) {
+            // Load before swapping: a busy consumer is not parked, and a plain load keeps its cache
+            // line shared instead of pulling it over on every tick.
+            if s.parked.load(Ordering::SeqCst) && s.parked.swap(false, Ordering::SeqCst) {
                 s.wake.notify_one();
             }
         }
@@ -188,7 +192,7 @@ impl Mesh {
                 out.extend(chunk);
             }
             let s = &self.signals[src];
-            if s.blocked.swap(false, Ordering::SeqCst) {
+            if s.blocked.load(Ordering::SeqCst) && s.blocked.swap(false, Ordering::SeqCst) {
                 s.room.notify_one();
             }
         }
