@@ -12,9 +12,10 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use coremq::config::DEFAULT_RING_CAPACITY as RING_CAPACITY;
 use coremq::protocol::{QoS, Utf8Bytes};
 use coremq::session::Message;
-use coremq::xcore::{build_mesh, Mesh, XMsg, RING_CAPACITY};
+use coremq::xcore::{build_mesh, Mesh, XMsg};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 // The broker runs on mimalloc (src/main.rs): interest messages allocate on one core and free on another.
@@ -143,7 +144,7 @@ fn consumer(mut mesh: Mesh, shared: &Shared) {
 }
 
 fn bench_two_threads(c: &mut Criterion) {
-    let mut meshes = build_mesh(2);
+    let mut meshes = build_mesh(2, RING_CAPACITY);
     let (Some(rx), Some(mut tx)) = (meshes.pop(), meshes.pop()) else {
         panic!("build_mesh(2) returns two meshes");
     };
@@ -186,7 +187,7 @@ fn bench_two_threads(c: &mut Criterion) {
 }
 
 fn bench_round_trip(c: &mut Criterion) {
-    let mut meshes = build_mesh(2);
+    let mut meshes = build_mesh(2, RING_CAPACITY);
     let (Some(mut rx), Some(mut tx)) = (meshes.pop(), meshes.pop()) else {
         panic!("build_mesh(2) returns two meshes");
     };

@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Default for [`Config::max_packet_size`]: 1 MiB.
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
+/// Default for [`Config::ring_capacity`]: enough to absorb a busy loop tick without blocking.
+pub const DEFAULT_RING_CAPACITY: usize = 4096;
 /// The largest packet MQTT can express: a 268435455-byte remaining length plus the fixed header
 /// (1 type byte and 4 length bytes).
 pub const MAX_PACKET_SIZE_LIMIT: usize = 268_435_460;
@@ -117,6 +119,9 @@ pub struct Config {
     pub queue_qos0_messages: bool,
     /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
     pub max_keepalive: u16,
+    /// Slots of each cross-core ring, 2..=1048576. A full ring pauses the publishing core's readers.
+    /// Default 4096.
+    pub ring_capacity: usize,
     /// The file this came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -206,6 +211,7 @@ struct Layer {
     max_packet_size: Option<usize>,
     queue_qos0_messages: Option<bool>,
     max_keepalive: Option<u16>,
+    ring_capacity: Option<usize>,
 }
 
 /// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
@@ -223,6 +229,7 @@ struct RawFile {
     max_packet_size: Option<Spanned<Value>>,
     queue_qos0_messages: Option<Spanned<Value>>,
     max_keepalive: Option<Spanned<Value>>,
+    ring_capacity: Option<Spanned<Value>>,
     listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
 }
 
@@ -264,6 +271,7 @@ const INFLIGHT: Range = Range::new(1, u16::MAX as i128);
 const QUEUED: Range = Range::new(1, usize::MAX as i128);
 const PACKET_SIZE: Range = Range::new(MIN_PACKET_SIZE_LIMIT as i128, MAX_PACKET_SIZE_LIMIT as i128);
 const KEEPALIVE: Range = Range::new(0, u16::MAX as i128);
+const RING: Range = Range::new(2, 1 << 20);
 
 fn connect_timeout(secs: f64) -> Result<Duration, String> {
     if secs.is_finite() && secs > 0.0 && secs <= MAX_CONNECT_TIMEOUT_SECS {
@@ -472,6 +480,10 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
         layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
     }
+    if let Some(v) = &raw.ring_capacity {
+        let (n, _) = ctx.int("ring_capacity", v, &RING)?;
+        layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
+    }
     if let Some(tables) = &raw.listener {
         if tables.get_ref().is_empty() {
             return Err(ctx.origin("listener", tables.span()).error(
@@ -553,6 +565,10 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
         let n = flag_int(v, "--max-packet-size", &PACKET_SIZE)?;
         layer.max_packet_size = Some(usize::try_from(n).unwrap_or(MAX_PACKET_SIZE_LIMIT));
     }
+    if let Some(v) = cli.ring_capacity {
+        let n = flag_int(v, "--ring-capacity", &RING)?;
+        layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
+    }
     Ok(())
 }
 
@@ -625,6 +641,7 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_packet_size: layer.max_packet_size.unwrap_or(DEFAULT_MAX_PACKET_SIZE),
         queue_qos0_messages: layer.queue_qos0_messages.unwrap_or(false),
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
+        ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
         source: layer.source,
     })
 }
@@ -1128,6 +1145,7 @@ bind = "0.0.0.0:1883"
         assert_eq!(example.max_packet_size, defaults.max_packet_size);
         assert_eq!(example.queue_qos0_messages, defaults.queue_qos0_messages);
         assert_eq!(example.max_keepalive, defaults.max_keepalive);
+        assert_eq!(example.ring_capacity, defaults.ring_capacity);
         // Every key of the raw file appears in the example, set or commented out.
         for key in [
             "threads",
@@ -1140,6 +1158,7 @@ bind = "0.0.0.0:1883"
             "max_packet_size",
             "queue_qos0_messages",
             "max_keepalive",
+            "ring_capacity",
             "[[listener]]",
             "bind",
             "allow_anonymous",

@@ -96,7 +96,7 @@ fn main() {
     let sigset = block_signals();
 
     let n = cfg.threads;
-    let meshes = xcore::build_mesh(n);
+    let meshes = xcore::build_mesh(n, cfg.ring_capacity);
     let signals = meshes[0].signals().clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
@@ -107,7 +107,6 @@ fn main() {
             settings: settings(&cfg),
             mesh,
             listeners: addrs.clone(),
-            backend,
             ready: ready_tx.clone(),
             done: done_tx.clone(),
         };

@@ -21,6 +21,8 @@ pub struct Stats {
     pub msgs_out: u64,
     /// Messages dropped because a queue was full (session queue or a slow subscriber's outbox).
     pub dropped: u64,
+    /// Batches whose cross-core messages did not all fit a ring: each one paused this core's readers.
+    pub ring_stalls: u64,
     pub latency_us: Histogram<u64>,
 }
 
@@ -37,6 +39,7 @@ impl Stats {
             msgs_in: 0,
             msgs_out: 0,
             dropped: 0,
+            ring_stalls: 0,
             // 3 significant figures over 1 µs .. 60 s: ~100 KB per core, allocated once.
             latency_us: Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("constant bounds are valid"),
         }
@@ -54,6 +57,7 @@ impl Stats {
         self.msgs_in += other.msgs_in;
         self.msgs_out += other.msgs_out;
         self.dropped += other.dropped;
+        self.ring_stalls += other.ring_stalls;
         let _ = self.latency_us.add(&other.latency_us);
     }
 
@@ -63,8 +67,8 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{label}: connections {}, messages in {}, messages out {}, dropped {}",
-            self.connections, self.msgs_in, self.msgs_out, self.dropped
+            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}",
+            self.connections, self.msgs_in, self.msgs_out, self.dropped, self.ring_stalls
         );
         let _ = writeln!(
             s,
@@ -96,7 +100,10 @@ mod tests {
         b.record_latency(Duration::from_micros(1000));
         a.merge(&b);
         let r = a.render("all");
-        assert!(r.starts_with("all: connections 2, messages in 3, messages out 5, dropped 1\n"), "{r}");
+        assert!(
+            r.starts_with("all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0\n"),
+            "{r}"
+        );
         assert!(r.contains("count 2 "), "{r}");
         assert_eq!(a.latency_us.max(), a.latency_us.highest_equivalent(1000));
     }

@@ -638,7 +638,9 @@ impl Core {
             ctl.dirty.set(false);
             ctl.wake.notify_one();
         }
-        self.mesh.flush();
+        if !self.mesh.flush() {
+            self.stats.ring_stalls += 1;
+        }
     }
 
     /// Whether staged cross-core messages wait for ring space: readers must pause.

@@ -100,7 +100,11 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
 
 /// A connection handed over by another core, with its CONNECT already read and checked.
 pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: Box<Connect>, buf: BytesMut) {
-    let conn = match Conn::from_std(stream, super::backend()) {
+    let adopted = match io::current_backend() {
+        Some(backend) => Conn::from_std(stream, backend),
+        None => Err(std::io::Error::other("not inside a core's runtime")),
+    };
+    let conn = match adopted {
         Ok(c) => Rc::new(c),
         Err(e) => {
             eprintln!("coremq: adopting a handed-off connection failed: {e}");

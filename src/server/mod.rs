@@ -14,7 +14,7 @@ use tokio::sync::Notify;
 
 use crate::config::ListenerConfig;
 use crate::core::{Core, Settings};
-use crate::io::{self, Backend, Listener};
+use crate::io::{self, Listener};
 use crate::stats::Stats;
 use crate::xcore::{Mesh, Signal};
 
@@ -24,14 +24,6 @@ pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 /// How often keep-alive and connect timeouts are checked. Expiry is therefore detected up to this much
 /// late, which the spec allows ("within one and a half times the keep alive period" is a lower bound).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
-
-thread_local! {
-    static BACKEND: Cell<Backend> = const { Cell::new(Backend::Epoll) };
-}
-
-fn backend() -> Backend {
-    BACKEND.with(|b| b.get())
-}
 
 /// A core and the thread-local helpers its tasks share.
 pub struct CoreCell {
@@ -60,7 +52,6 @@ pub struct CoreSetup {
     pub settings: Settings,
     pub mesh: Mesh,
     pub listeners: Vec<ListenerConfig>,
-    pub backend: Backend,
     /// Reports whether the listeners could be bound.
     pub ready: Sender<Result<(), String>>,
     /// Receives the core's statistics when it stops.
@@ -174,8 +165,7 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
 
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
-    let CoreSetup { id, settings, mesh, listeners, backend, ready, done } = setup;
-    BACKEND.with(|b| b.set(backend));
+    let CoreSetup { id, settings, mesh, listeners, ready, done } = setup;
     let mut bound = Vec::new();
     for lc in &listeners {
         match Listener::bind(lc.bind) {

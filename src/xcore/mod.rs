@@ -22,10 +22,6 @@ use tokio::sync::Notify;
 use crate::protocol::Connect;
 use crate::session::Message;
 
-/// Slots per ring. 4,096 messages of a few dozen bytes each: enough to absorb a loop tick of a busy core
-/// without blocking, small enough to stay in cache.
-pub const RING_CAPACITY: usize = 4096;
-
 /// The most cores a broker runs on: core sets are `u64` bitmasks.
 pub const MAX_CORES: usize = 64;
 
@@ -67,8 +63,10 @@ pub struct Mesh {
     signals: Arc<[Signal]>,
 }
 
-/// Builds the N×N mesh once at start-up; element i goes to core i.
-pub fn build_mesh(n: usize) -> Vec<Mesh> {
+/// Builds the N×N mesh once at start-up; element i goes to core i. `capacity` slots per ring (config
+/// `ring_capacity`, 4,096 by default: a busy loop tick fits without blocking, and the ring stays small
+/// enough for the cache).
+pub fn build_mesh(n: usize, capacity: usize) -> Vec<Mesh> {
     let signals: Arc<[Signal]> = (0..n).map(|_| Signal::default()).collect();
     let mut meshes: Vec<Mesh> = (0..n)
         .map(|id| Mesh {
@@ -83,7 +81,7 @@ pub fn build_mesh(n: usize) -> Vec<Mesh> {
     for src in 0..n {
         for dst in 0..n {
             if src != dst {
-                let (p, c) = RingBuffer::new(RING_CAPACITY);
+                let (p, c) = RingBuffer::new(capacity);
                 meshes[src].producers[dst] = Some(p);
                 meshes[dst].consumers[src] = Some(c);
             }
@@ -222,13 +220,15 @@ impl Mesh {
 mod tests {
     use super::*;
 
+    const CAP: usize = 4096;
+
     fn interest(core: usize, f: &str) -> XMsg {
         XMsg::Interest { core, filter: f.into(), add: true }
     }
 
     #[test]
     fn mesh_delivers_in_order_per_pair() {
-        let mut m = build_mesh(3);
+        let mut m = build_mesh(3, CAP);
         let (a, rest) = m.split_at_mut(1);
         let a = &mut a[0];
         for i in 0..10 {
@@ -253,17 +253,17 @@ mod tests {
 
     #[test]
     fn full_ring_keeps_messages_staged_and_blocks() {
-        let mut m = build_mesh(2);
+        let mut m = build_mesh(2, CAP);
         let (a, b) = m.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut b[0]);
-        for i in 0..RING_CAPACITY + 5 {
+        for i in 0..CAP + 5 {
             a.stage(1, interest(i, "f"));
         }
         assert!(!a.flush());
         assert!(a.is_blocked());
         assert!(a.my_signal().blocked.load(Ordering::SeqCst));
         let mut out = Vec::new();
-        assert_eq!(b.drain(usize::MAX, &mut out), RING_CAPACITY);
+        assert_eq!(b.drain(usize::MAX, &mut out), CAP);
         // the consumer cleared the producer's blocked flag when it made room
         assert!(!a.my_signal().blocked.load(Ordering::SeqCst));
         assert!(a.flush());
@@ -271,14 +271,14 @@ mod tests {
         out.clear();
         assert_eq!(b.drain(usize::MAX, &mut out), 5);
         match &out[4] {
-            XMsg::Interest { core, .. } => assert_eq!(*core, RING_CAPACITY + 4),
+            XMsg::Interest { core, .. } => assert_eq!(*core, CAP + 4),
             other => panic!("unexpected {other:?}"),
         }
     }
 
     #[test]
     fn wake_only_when_parked() {
-        let mut m = build_mesh(2);
+        let mut m = build_mesh(2, CAP);
         let (a, b) = m.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut b[0]);
         assert!(b.park());
