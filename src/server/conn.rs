@@ -9,13 +9,16 @@ use bytes::{Bytes, BytesMut};
 use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
 use crate::core::{check_connect, home_core, ConnCtl, Flow};
 use crate::io::{self, Conn};
-use crate::protocol::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion};
+use crate::protocol::{
+    self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion, Utf8Bytes,
+};
 use crate::session::{OutFrame, Outbox};
 use crate::xcore::XMsg;
 
 /// First read buffer of a connection. Small, because an io_uring read holds its buffer while the
-/// connection is idle; it doubles when a read fills it, up to [`READ_BUF_MAX`].
-const READ_BUF_INITIAL: usize = 1024;
+/// connection is idle (a typical CONNECT fits); it doubles when a read fills it, up to
+/// [`READ_BUF_MAX`].
+const READ_BUF_INITIAL: usize = 256;
 const READ_BUF_MAX: usize = 64 * 1024;
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
 const MIN_SPARE: usize = 256;
@@ -80,7 +83,10 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     };
     let home = home_core(connect.client_id.as_str(), cores);
     if home == me {
-        return established(core, key, ctl, connect, buf).await;
+        // A task of its own, so that this handshake's future (and its larger state) is freed now
+        // rather than held for the connection's whole life.
+        io::spawn_local(established(core, key, ctl, connect, buf));
+        return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
     core.borrow_mut().unregister(key, &ctl);
@@ -116,6 +122,16 @@ pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: 
     established(core, key, ctl, connect, buf).await
 }
 
+fn detach_strings(c: &mut Connect) {
+    c.client_id = Utf8Bytes::copy_from_str(c.client_id.as_str());
+    c.username = None;
+    c.password = None;
+    if let Some(w) = &mut c.will {
+        w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());
+        w.payload = Bytes::copy_from_slice(&w.payload);
+    }
+}
+
 /// Closes a connection that never got a session, after sending CONNACK `code` if given.
 async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, code: Option<ConnectReturnCode>) {
     core.borrow_mut().unregister(key, ctl);
@@ -132,7 +148,16 @@ async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, code: Option<Conn
 }
 
 /// Serves a connection whose session is on this core until it ends.
-async fn established(core: CoreRef, key: usize, ctl: Rc<ConnCtl>, connect: Box<Connect>, mut buf: BytesMut) {
+async fn established(
+    core: CoreRef,
+    key: usize,
+    ctl: Rc<ConnCtl>,
+    mut connect: Box<Connect>,
+    mut buf: BytesMut,
+) {
+    // The CONNECT's strings are slices of the first read buffer; the session keeps them for its whole
+    // life, so give them their own small allocations instead of pinning that buffer.
+    detach_strings(&mut connect);
     let version = connect.protocol;
     let max_packet = {
         let mut c = core.borrow_mut();
@@ -209,7 +234,9 @@ async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, version: ProtocolVersion) {
             ctl.wake.notified().await;
             continue;
         }
-        let (res, v) = ctl.conn.write_all_vectored(std::mem::take(&mut iov)).await;
+        // Boxed: the write future is a few hundred bytes that an idle connection would otherwise carry
+        // in its writer task forever; one allocation per write batch is cheaper than that memory.
+        let (res, v) = Box::pin(ctl.conn.write_all_vectored(std::mem::take(&mut iov))).await;
         iov = v;
         iov.clear();
         if res.is_err() {
