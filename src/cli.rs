@@ -53,6 +53,9 @@ pub struct Cli {
     /// Largest packet accepted, in bytes; a larger one closes the connection [default: 1048576]
     #[arg(long, value_name = "N")]
     pub max_packet_size: Option<u64>,
+    /// Packets waiting to be written to one online client; QoS 0 beyond it is dropped [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub max_outbox_messages: Option<u64>,
     /// Slots of each cross-core ring; a full ring pauses publishers, never drops [default: 4096]
     #[arg(long, value_name = "N")]
     pub ring_capacity: Option<u64>,

@@ -34,6 +34,8 @@ pub const DEFAULT_MAX_QUEUED_MESSAGES: usize = 1000;
 pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 << 20;
 /// Default for [`Config::max_packet_size`]: 1 MiB.
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
+/// Default for [`Config::max_outbox_messages`]: about 60 ms of a 160k msgs/s stream.
+pub const DEFAULT_MAX_OUTBOX_MESSAGES: usize = 10_000;
 /// Default for [`Config::ring_capacity`]: enough to absorb a busy loop tick without blocking.
 pub const DEFAULT_RING_CAPACITY: usize = 4096;
 /// The largest packet MQTT can express: a 268435455-byte remaining length plus the fixed header
@@ -119,6 +121,9 @@ pub struct Config {
     pub queue_qos0_messages: bool,
     /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
     pub max_keepalive: u16,
+    /// Packets waiting to be written to one online client, at least 1; QoS 0 messages beyond it are
+    /// dropped and counted (QoS 1/2 wait in the session queue instead). Default 10,000.
+    pub max_outbox_messages: usize,
     /// Slots of each cross-core ring, 2..=1048576. A full ring pauses the publishing core's readers.
     /// Default 4096.
     pub ring_capacity: usize,
@@ -212,6 +217,7 @@ struct Layer {
     queue_qos0_messages: Option<bool>,
     max_keepalive: Option<u16>,
     ring_capacity: Option<usize>,
+    max_outbox_messages: Option<usize>,
 }
 
 /// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
@@ -230,6 +236,7 @@ struct RawFile {
     queue_qos0_messages: Option<Spanned<Value>>,
     max_keepalive: Option<Spanned<Value>>,
     ring_capacity: Option<Spanned<Value>>,
+    max_outbox_messages: Option<Spanned<Value>>,
     listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
 }
 
@@ -480,6 +487,10 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
         layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
     }
+    if let Some(v) = &raw.max_outbox_messages {
+        let (n, _) = ctx.int("max_outbox_messages", v, &QUEUED)?;
+        layer.max_outbox_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     if let Some(v) = &raw.ring_capacity {
         let (n, _) = ctx.int("ring_capacity", v, &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
@@ -565,6 +576,10 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
         let n = flag_int(v, "--max-packet-size", &PACKET_SIZE)?;
         layer.max_packet_size = Some(usize::try_from(n).unwrap_or(MAX_PACKET_SIZE_LIMIT));
     }
+    if let Some(v) = cli.max_outbox_messages {
+        let n = flag_int(v, "--max-outbox-messages", &QUEUED)?;
+        layer.max_outbox_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     if let Some(v) = cli.ring_capacity {
         let n = flag_int(v, "--ring-capacity", &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
@@ -642,6 +657,7 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         queue_qos0_messages: layer.queue_qos0_messages.unwrap_or(false),
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
         ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
+        max_outbox_messages: layer.max_outbox_messages.unwrap_or(DEFAULT_MAX_OUTBOX_MESSAGES),
         source: layer.source,
     })
 }
@@ -1146,6 +1162,7 @@ bind = "0.0.0.0:1883"
         assert_eq!(example.queue_qos0_messages, defaults.queue_qos0_messages);
         assert_eq!(example.max_keepalive, defaults.max_keepalive);
         assert_eq!(example.ring_capacity, defaults.ring_capacity);
+        assert_eq!(example.max_outbox_messages, defaults.max_outbox_messages);
         // Every key of the raw file appears in the example, set or commented out.
         for key in [
             "threads",
@@ -1159,6 +1176,7 @@ bind = "0.0.0.0:1883"
             "queue_qos0_messages",
             "max_keepalive",
             "ring_capacity",
+            "max_outbox_messages",
             "[[listener]]",
             "bind",
             "allow_anonymous",

@@ -77,6 +77,7 @@ fn settings(cfg: &Config) -> Settings {
         max_packet_size: cfg.max_packet_size,
         connect_timeout: cfg.connect_timeout,
         queue_qos0_messages: cfg.queue_qos0_messages,
+        max_outbox_messages: cfg.max_outbox_messages,
     }
 }
 

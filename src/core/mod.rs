@@ -37,6 +37,8 @@ pub struct Settings {
     pub connect_timeout: Duration,
     /// Queue QoS 0 messages for offline persistent sessions (mosquitto's `queue_qos0_messages`).
     pub queue_qos0_messages: bool,
+    /// Frames an online client's outbox may hold before QoS 0 deliveries to it are dropped.
+    pub max_outbox_messages: usize,
 }
 
 /// The control block of one connection, shared by the core (which fills the outbox) and the
@@ -415,11 +417,10 @@ impl Core {
     ) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
         let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
-        let limits = self.settings.limits;
         match (&ctl, qos) {
             (Some(ctl), QoS::AtMostOnce) => {
                 let mut out = ctl.outbox.borrow_mut();
-                if out.len() >= limits.max_queued_messages {
+                if out.len() >= self.settings.max_outbox_messages {
                     // A subscriber that does not read: QoS 0 beyond its bound is dropped and counted.
                     self.stats.dropped += 1;
                     return;
