@@ -78,24 +78,32 @@ run_one() {
   local broker=$1 threads=$2 label=$3; shift 3
   local port; port=$(free_port)
   start_broker "$broker" "$port" "$threads"
-  local t0 r0 json
+  local t0 base json
   t0=$(cpu_ticks "$BROKER_PID")
-  r0=$(date +%s.%N)
+  base=$(rss_kb "$BROKER_PID")
+  # Peak RSS while the swarm runs, sampled every 100 ms.
+  ( peak=0; while kill -0 "$BROKER_PID" 2>/dev/null; do
+      r=$(rss_kb "$BROKER_PID" 2>/dev/null || echo 0); [ "${r:-0}" -gt "$peak" ] && peak=$r && echo "$peak" >"$WORK/peak"
+      sleep 0.1; done ) &
+  local sampler=$!
   json=$("$SWARM" --port "$port" --cpus "$SWARM_CPU" --threads 1 --payload "$PAYLOAD" \
            --duration "$DURATION" --warmup "$WARMUP" --json "$@" 2>"$WORK/swarm.err" | grep '^{"scenario"' || true)
   local t1 rss
   t1=$(cpu_ticks "$BROKER_PID")
-  rss=$(rss_kb "$BROKER_PID")
+  kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+  rss=$(cat "$WORK/peak" 2>/dev/null || rss_kb "$BROKER_PID")
+  rm -f "$WORK/peak"
   stop_broker
   if [ -z "$json" ]; then
     echo "swarm failed for $broker $label:" >&2; tail -3 "$WORK/swarm.err" >&2
     json='{"received":0}'
   fi
-  python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$(getconf CLK_TCK)" "$json" >>"$WORK/rows" <<'EOF'
+  python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$base" "$(getconf CLK_TCK)" "$json" >>"$WORK/rows" <<'EOF'
 import json, sys
-broker, threads, label, ticks, rss, hz, row = sys.argv[1:]
+broker, threads, label, ticks, rss, base, hz, row = sys.argv[1:]
 r = json.loads(row)
-r.update(broker=broker, threads=int(threads), label=label, cpu_s=int(ticks) / int(hz), rss_kb=int(rss))
+r.update(broker=broker, threads=int(threads), label=label, cpu_s=int(ticks) / int(hz), rss_kb=int(rss),
+         base_kb=int(base))
 print(json.dumps(r))
 EOF
 }
@@ -106,6 +114,8 @@ SCENARIOS=(
   "qos1 32 pairs|--scenario pairs --qos 1 --connections 32"
   "qos2 32 pairs|--scenario pairs --qos 2 --connections 32"
   "qos1 16 pairs x 2000/s|--scenario pairs --qos 1 --connections 16 --rate 2000"
+  "qos0 fan-in 8x20000/s->1|--scenario fan-in --qos 0 --connections 8 --rate 20000"
+  "10000 idle connections|--scenario storm --connections 10000"
 )
 for entry in "${SCENARIOS[@]}"; do
   label=${entry%%|*}; args=${entry#*|}
@@ -126,7 +136,8 @@ def us_per_msg(r):
     return r["cpu_s"] * 1e6 / n if n else float("nan")
 def rate(r):
     return r.get("recv_rate", 0.0)
-hdr = f'{"scenario":<28} {"broker":<14} {"msgs/s":>10} {"p50 us":>8} {"p99 us":>8} {"p99.9 us":>9} {"CPU us/msg":>10} {"RSS MiB":>8} {"lost":>6}'
+hdr = (f'{"scenario":<28} {"broker":<14} {"msgs/s":>10} {"p50 us":>8} {"p99 us":>8} {"p99.9 us":>9} '
+       f'{"CPU us/msg":>10} {"RSS MiB":>8} {"lost":>8}')
 print(hdr); print("-" * len(hdr))
 by = {}
 for r in rows:
@@ -134,10 +145,19 @@ for r in rows:
 for label, d in by.items():
     for (broker, threads), r in d.items():
         name = broker if threads == 1 else f"{broker} x{threads}"
+        if r.get("scenario") == "storm":
+            per = (r["rss_kb"] - r["base_kb"]) * 1024 / max(r.get("connects", 0), 1)
+            print(f'{label:<28} {name:<14} {r.get("connect_rate",0):>10.0f} connects/s; '
+                  f'RSS per idle connection {per:.0f} B ({r["rss_kb"]/1024:.1f} MiB peak)')
+            continue
         print(f'{label:<28} {name:<14} {rate(r):>10.0f} {r.get("lat_p50_us",0):>8} {r.get("lat_p99_us",0):>8} '
-              f'{r.get("lat_p999_us",0):>9} {us_per_msg(r):>10.2f} {r["rss_kb"]/1024:>8.1f} {r.get("lost",0):>6}')
+              f'{r.get("lat_p999_us",0):>9} {us_per_msg(r):>10.2f} {r["rss_kb"]/1024:>8.1f} {r.get("lost",0):>8}')
     c, m = d.get(("coremq", 1)), d.get(("mosquitto", 1))
-    if c and m:
+    if c and m and c.get("scenario") == "storm":
+        pc = (c["rss_kb"] - c["base_kb"]) / max(c.get("connects", 0), 1)
+        pm = (m["rss_kb"] - m["base_kb"]) / max(m.get("connects", 0), 1)
+        print(f'{"":<28} {"ratio c/m":<14} RSS per idle connection {pc / pm if pm else float("nan"):.2f}')
+    elif c and m:
         def ratio(a, b):
             return a / b if b else float("nan")
         print(f'{"":<28} {"ratio c/m":<14} {ratio(rate(c), rate(m)):>10.2f} '
