@@ -358,9 +358,11 @@ impl Core {
     /// Routes a message published by a client of this core (or a will): retained store, local
     /// subscribers, and every other core with interest (all of them for a retained message, so that
     /// each core's retained copy stays whole).
-    pub fn publish(&mut self, msg: Message) {
+    pub fn publish(&mut self, mut msg: Message) {
         let mut mask: u64 = 0;
         if msg.retain {
+            // Kept by every core's retained store: compact once here, not on each core.
+            msg = msg.compacted();
             self.store_retained(&msg);
             mask = all_cores_mask(self.cores()) & !(1u64 << self.id);
         } else {
@@ -400,13 +402,16 @@ impl Core {
             matches.dedup_by_key(|m| m.0);
         }
         let mut shared: Option<bytes::Bytes> = None;
+        let mut compact: Option<Message> = None;
         for (skey, granted) in matches {
             let qos = msg.qos.min(granted);
-            self.deliver_to(skey, msg, qos, false, &mut shared);
+            self.deliver_to(skey, msg, qos, false, &mut shared, &mut compact);
         }
     }
 
-    /// One delivery to one session. `shared` caches the QoS 0 frame of this message on this core.
+    /// One delivery to one session. `shared` caches the QoS 0 frame of this message on this core, and
+    /// `compact` its compacted copy for sessions that will queue it (one copy per message, not per
+    /// subscriber).
     fn deliver_to(
         &mut self,
         skey: usize,
@@ -414,6 +419,7 @@ impl Core {
         qos: QoS,
         retain: bool,
         shared: &mut Option<bytes::Bytes>,
+        compact: &mut Option<Message>,
     ) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
         let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
@@ -459,8 +465,13 @@ impl Core {
             }
             (None, QoS::AtMostOnce) if !self.settings.queue_qos0_messages => return,
             _ => {
+                let m = if se.session.would_queue(qos, ctl.is_some()) {
+                    compact.get_or_insert_with(|| msg.compacted()).clone()
+                } else {
+                    msg.clone()
+                };
                 let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
-                if se.session.deliver(msg.clone(), qos, retain, guard.as_deref_mut()) == Delivered::Dropped {
+                if se.session.deliver(m, qos, retain, guard.as_deref_mut()) == Delivered::Dropped {
                     self.stats.dropped += 1;
                 }
             }
@@ -502,7 +513,7 @@ impl Core {
         for (mut m, granted) in found {
             let qos = m.qos.min(granted);
             m.received = now;
-            self.deliver_to(skey, &m, qos, true, &mut None);
+            self.deliver_to(skey, &m, qos, true, &mut None, &mut None);
         }
         Flow::Continue
     }

@@ -27,6 +27,19 @@ pub struct Message {
     pub received: Instant,
 }
 
+impl Message {
+    /// The same message with its topic and payload in allocations of their own. A message read from the
+    /// network shares its read buffer (up to 64 KiB) with every packet of that read; one that will wait
+    /// in a queue or in the retained store is compacted once so that it does not pin that buffer.
+    pub fn compacted(&self) -> Message {
+        Message {
+            topic: Utf8Bytes::copy_from_str(self.topic.as_str()),
+            payload: Bytes::copy_from_slice(&self.payload),
+            ..self.clone()
+        }
+    }
+}
+
 /// One item of a connection's outbox, encoded by the writer task at flush time.
 #[derive(Debug)]
 pub enum OutFrame {
@@ -142,6 +155,11 @@ impl Session {
             }
             _ => self.enqueue(msg, qos, retain),
         }
+    }
+
+    /// Whether [`Session::deliver`] would queue a message of `qos` rather than send it now.
+    pub fn would_queue(&self, qos: QoS, online: bool) -> bool {
+        !online || !self.queue.is_empty() || !self.window_open(qos)
     }
 
     fn window_open(&self, qos: QoS) -> bool {
