@@ -44,7 +44,8 @@ pub struct Settings {
 /// The control block of one connection, shared by the core (which fills the outbox) and the
 /// connection's reader and writer tasks.
 pub struct ConnCtl {
-    pub conn: Rc<Conn>,
+    /// The socket, to shut it down on kick; `None` for a connection driven without one (fuzzing).
+    socket: Option<Rc<Conn>>,
     pub outbox: RefCell<Outbox>,
     /// Wakes the writer task: something was queued, or the connection is closing.
     pub wake: Notify,
@@ -54,9 +55,9 @@ pub struct ConnCtl {
 }
 
 impl ConnCtl {
-    pub fn new(conn: Rc<Conn>) -> ConnCtl {
+    pub fn new(socket: Option<Rc<Conn>>) -> ConnCtl {
         ConnCtl {
-            conn,
+            socket,
             outbox: RefCell::new(Outbox::new()),
             wake: Notify::new(),
             closing: Cell::new(false),
@@ -78,7 +79,9 @@ impl ConnCtl {
     /// reader's pending read and any stuck write complete now.
     pub fn kick(&self) {
         self.close();
-        self.conn.shutdown();
+        if let Some(s) = &self.socket {
+            s.shutdown();
+        }
     }
 }
 

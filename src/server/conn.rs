@@ -42,7 +42,7 @@ fn prepare_read(buf: &mut BytesMut, want: usize, max_packet: usize) {
 /// arrives with password files).
 pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     let conn = Rc::new(conn);
-    let ctl = Rc::new(ConnCtl::new(conn.clone()));
+    let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register(ctl.clone());
     let max_packet = core.borrow().settings().max_packet_size;
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
@@ -51,27 +51,28 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
         let (res, b) = conn.read(buf).await;
         buf = b;
         if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
-            return refuse(&core, key, &ctl, None).await;
+            return refuse(&core, key, &ctl, &conn, None).await;
         }
         match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
             Ok(Some(Packet::Connect(c))) => break c,
             // MQTT-3.1.0-1: the first packet must be CONNECT.
-            Ok(Some(_)) => return refuse(&core, key, &ctl, None).await,
+            Ok(Some(_)) => return refuse(&core, key, &ctl, &conn, None).await,
             Ok(None) => continue,
             // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01, then the connection closes.
             Err(DecodeError::UnsupportedProtocolLevel { .. }) => {
-                return refuse(&core, key, &ctl, Some(ConnectReturnCode::UnacceptableProtocolVersion)).await;
+                return refuse(&core, key, &ctl, &conn, Some(ConnectReturnCode::UnacceptableProtocolVersion))
+                    .await;
             }
-            Err(_) => return refuse(&core, key, &ctl, None).await,
+            Err(_) => return refuse(&core, key, &ctl, &conn, None).await,
         }
     };
     let mut connect = connect;
     if !allow_anonymous {
-        return refuse(&core, key, &ctl, Some(ConnectReturnCode::NotAuthorized)).await;
+        return refuse(&core, key, &ctl, &conn, Some(ConnectReturnCode::NotAuthorized)).await;
     }
     match check_connect(&connect) {
-        Err(code) => return refuse(&core, key, &ctl, Some(code)).await,
-        Ok(false) => return refuse(&core, key, &ctl, None).await,
+        Err(code) => return refuse(&core, key, &ctl, &conn, Some(code)).await,
+        Ok(false) => return refuse(&core, key, &ctl, &conn, None).await,
         Ok(true) => {}
     }
     if connect.client_id.is_empty() {
@@ -85,7 +86,7 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     if home == me {
         // A task of its own, so that this handshake's future (and its larger state) is freed now
         // rather than held for the connection's whole life.
-        io::spawn_local(established(core, key, ctl, connect, buf));
+        io::spawn_local(established(core, key, ctl, conn, connect, buf));
         return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
@@ -117,9 +118,9 @@ pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: 
             return;
         }
     };
-    let ctl = Rc::new(ConnCtl::new(conn));
+    let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register_handoff(ctl.clone());
-    established(core, key, ctl, connect, buf).await
+    established(core, key, ctl, conn, connect, buf).await
 }
 
 fn detach_strings(c: &mut Connect) {
@@ -133,7 +134,7 @@ fn detach_strings(c: &mut Connect) {
 }
 
 /// Closes a connection that never got a session, after sending CONNACK `code` if given.
-async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, code: Option<ConnectReturnCode>) {
+async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, conn: &Conn, code: Option<ConnectReturnCode>) {
     core.borrow_mut().unregister(key, ctl);
     if let Some(code) = code {
         let mut out = BytesMut::new();
@@ -142,9 +143,9 @@ async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, code: Option<Conn
             ProtocolVersion::V3_1_1,
             &mut out,
         );
-        let _ = ctl.conn.write_all_vectored(vec![out.freeze()]).await;
+        let _ = conn.write_all_vectored(vec![out.freeze()]).await;
     }
-    ctl.conn.shutdown();
+    conn.shutdown();
 }
 
 /// Serves a connection whose session is on this core until it ends.
@@ -152,6 +153,7 @@ async fn established(
     core: CoreRef,
     key: usize,
     ctl: Rc<ConnCtl>,
+    conn: Rc<Conn>,
     mut connect: Box<Connect>,
     mut buf: BytesMut,
 ) {
@@ -166,7 +168,7 @@ async fn established(
         c.settings().max_packet_size
     };
     schedule_tick(&core);
-    io::spawn_local(writer(core.clone(), ctl.clone(), version));
+    io::spawn_local(writer(core.clone(), ctl.clone(), conn.clone(), version));
     let mut want = READ_BUF_INITIAL;
     let graceful = loop {
         // Decode and handle every complete packet in the buffer, in one borrow of the core.
@@ -199,7 +201,7 @@ async fn established(
         wait_unblocked(&core).await;
         prepare_read(&mut buf, want, max_packet);
         let spare = buf.capacity() - buf.len();
-        let (res, b) = ctl.conn.read(buf).await;
+        let (res, b) = conn.read(buf).await;
         buf = b;
         let n = match res {
             Ok(n) if n > 0 && !ctl.is_closing() => n,
@@ -222,7 +224,7 @@ async fn established(
 
 /// Writes the connection's outbox: everything queued since the last write goes out in one vectored
 /// write, so a busy connection costs one syscall (or one ring submission) per loop tick, not per packet.
-async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, version: ProtocolVersion) {
+async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, conn: Rc<Conn>, version: ProtocolVersion) {
     let mut iov: Vec<Bytes> = Vec::new();
     let mut stamps: Vec<Instant> = Vec::new();
     loop {
@@ -236,7 +238,7 @@ async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, version: ProtocolVersion) {
         }
         // Boxed: the write future is a few hundred bytes that an idle connection would otherwise carry
         // in its writer task forever; one allocation per write batch is cheaper than that memory.
-        let (res, v) = Box::pin(ctl.conn.write_all_vectored(std::mem::take(&mut iov))).await;
+        let (res, v) = Box::pin(conn.write_all_vectored(std::mem::take(&mut iov))).await;
         iov = v;
         iov.clear();
         if res.is_err() {
@@ -252,7 +254,7 @@ async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, version: ProtocolVersion) {
             }
         }
     }
-    ctl.conn.shutdown();
+    conn.shutdown();
 }
 
 /// Turns outbox frames into write buffers. Heads and control packets are encoded into one buffer
