@@ -56,6 +56,9 @@ pub struct Cli {
     /// Packets waiting to be written to one online client; QoS 0 beyond it is dropped [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_outbox_messages: Option<u64>,
+    /// Client connections served at once, all listeners together; 0 = no limit [default: 0]
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<u64>,
     /// Slots of each cross-core ring; a full ring pauses publishers, never drops [default: 4096]
     #[arg(long, value_name = "N")]
     pub ring_capacity: Option<u64>,

@@ -36,6 +36,12 @@ pub const DEFAULT_MAX_QUEUED_BYTES: usize = 64 << 20;
 pub const DEFAULT_MAX_PACKET_SIZE: usize = 1 << 20;
 /// Default for [`Config::max_outbox_messages`]: about 60 ms of a 160k msgs/s stream.
 pub const DEFAULT_MAX_OUTBOX_MESSAGES: usize = 10_000;
+/// Default for [`Config::max_subscriptions_per_client`].
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 10_000;
+/// Default for [`Config::max_topic_levels`].
+pub const DEFAULT_MAX_TOPIC_LEVELS: usize = 128;
+/// Default for [`Config::max_client_id_len`]: what the 16-bit length prefix allows.
+pub const DEFAULT_MAX_CLIENT_ID_LEN: usize = 65_535;
 /// Default for [`Config::ring_capacity`]: enough to absorb a busy loop tick without blocking.
 pub const DEFAULT_RING_CAPACITY: usize = 4096;
 /// The largest packet MQTT can express: a 268435455-byte remaining length plus the fixed header
@@ -82,14 +88,16 @@ impl BackendChoice {
 pub struct ListenerConfig {
     /// Address and port to listen on.
     pub bind: SocketAddr,
-    /// Whether clients without credentials may connect. Parsed and kept; authentication (and so
-    /// enforcing `false`) arrives in a later release.
+    /// Whether clients without credentials may connect. With `false` and no password file (which
+    /// arrives with authentication) every client is refused with CONNACK 0x05, as in mosquitto.
     pub allow_anonymous: bool,
+    /// Connections this listener serves at once, across all cores; 0 = no limit of its own.
+    pub max_connections: usize,
 }
 
 impl ListenerConfig {
     fn new(bind: SocketAddr) -> Self {
-        ListenerConfig { bind, allow_anonymous: true }
+        ListenerConfig { bind, allow_anonymous: true, max_connections: 0 }
     }
 }
 
@@ -124,6 +132,17 @@ pub struct Config {
     /// Packets waiting to be written to one online client, at least 1; QoS 0 messages beyond it are
     /// dropped and counted (QoS 1/2 wait in the session queue instead). Default 10,000.
     pub max_outbox_messages: usize,
+    /// Client connections served at once, across all listeners and cores; 0 = no limit (the open-files
+    /// limit, raised to its hard limit at startup, still bounds it). Default 0.
+    pub max_connections: usize,
+    /// Subscriptions one session may hold; a SUBSCRIBE beyond it gets 0x80 for that filter. Default 10,000.
+    pub max_subscriptions_per_client: usize,
+    /// Levels a topic name or filter may have. A PUBLISH with more closes the connection, a filter with
+    /// more gets 0x80 in SUBACK. Default 128.
+    pub max_topic_levels: usize,
+    /// Longest client id accepted (23..=65535, 23 being what the spec requires every server to take);
+    /// a longer one gets CONNACK 0x02. Default 65535.
+    pub max_client_id_len: usize,
     /// Slots of each cross-core ring, 2..=1048576. A full ring pauses the publishing core's readers.
     /// Default 4096.
     pub ring_capacity: usize,
@@ -218,6 +237,10 @@ struct Layer {
     max_keepalive: Option<u16>,
     ring_capacity: Option<usize>,
     max_outbox_messages: Option<usize>,
+    max_connections: Option<usize>,
+    max_subscriptions_per_client: Option<usize>,
+    max_topic_levels: Option<usize>,
+    max_client_id_len: Option<usize>,
 }
 
 /// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
@@ -237,6 +260,10 @@ struct RawFile {
     max_keepalive: Option<Spanned<Value>>,
     ring_capacity: Option<Spanned<Value>>,
     max_outbox_messages: Option<Spanned<Value>>,
+    max_connections: Option<Spanned<Value>>,
+    max_subscriptions_per_client: Option<Spanned<Value>>,
+    max_topic_levels: Option<Spanned<Value>>,
+    max_client_id_len: Option<Spanned<Value>>,
     listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
 }
 
@@ -245,6 +272,7 @@ struct RawFile {
 struct RawListener {
     bind: Option<Spanned<Value>>,
     allow_anonymous: Option<Spanned<Value>>,
+    max_connections: Option<Spanned<Value>>,
 }
 
 /// An integer setting's accepted range and how to say it.
@@ -279,6 +307,9 @@ const QUEUED: Range = Range::new(1, usize::MAX as i128);
 const PACKET_SIZE: Range = Range::new(MIN_PACKET_SIZE_LIMIT as i128, MAX_PACKET_SIZE_LIMIT as i128);
 const KEEPALIVE: Range = Range::new(0, u16::MAX as i128);
 const RING: Range = Range::new(2, 1 << 20);
+const COUNT: Range = Range::new(0, usize::MAX as i128);
+const LEVELS: Range = Range::new(1, 65_535);
+const CLIENT_ID_LEN: Range = Range::new(23, 65_535);
 
 fn connect_timeout(secs: f64) -> Result<Duration, String> {
     if secs.is_finite() && secs > 0.0 && secs <= MAX_CONNECT_TIMEOUT_SECS {
@@ -491,6 +522,22 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (n, _) = ctx.int("max_outbox_messages", v, &QUEUED)?;
         layer.max_outbox_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
     }
+    if let Some(v) = &raw.max_connections {
+        let (n, _) = ctx.int("max_connections", v, &COUNT)?;
+        layer.max_connections = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = &raw.max_subscriptions_per_client {
+        let (n, _) = ctx.int("max_subscriptions_per_client", v, &QUEUED)?;
+        layer.max_subscriptions_per_client = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = &raw.max_topic_levels {
+        let (n, _) = ctx.int("max_topic_levels", v, &LEVELS)?;
+        layer.max_topic_levels = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = &raw.max_client_id_len {
+        let (n, _) = ctx.int("max_client_id_len", v, &CLIENT_ID_LEN)?;
+        layer.max_client_id_len = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
     if let Some(v) = &raw.ring_capacity {
         let (n, _) = ctx.int("ring_capacity", v, &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
@@ -519,7 +566,12 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
                 Some(v) => ctx.bool(&format!("{name}.allow_anonymous"), v)?,
                 None => true,
             };
-            listeners.push(ListenerConfig { bind: addr, allow_anonymous });
+            let max_connections = match &entry.max_connections {
+                Some(v) => usize::try_from(ctx.int(&format!("{name}.max_connections"), v, &COUNT)?.0)
+                    .unwrap_or(usize::MAX),
+                None => 0,
+            };
+            listeners.push(ListenerConfig { bind: addr, allow_anonymous, max_connections });
         }
         layer.listeners = Some(listeners);
     }
@@ -579,6 +631,10 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
     if let Some(v) = cli.max_outbox_messages {
         let n = flag_int(v, "--max-outbox-messages", &QUEUED)?;
         layer.max_outbox_messages = Some(usize::try_from(n).unwrap_or(usize::MAX));
+    }
+    if let Some(v) = cli.max_connections {
+        let n = flag_int(v, "--max-connections", &COUNT)?;
+        layer.max_connections = Some(usize::try_from(n).unwrap_or(usize::MAX));
     }
     if let Some(v) = cli.ring_capacity {
         let n = flag_int(v, "--ring-capacity", &RING)?;
@@ -658,6 +714,12 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
         ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
         max_outbox_messages: layer.max_outbox_messages.unwrap_or(DEFAULT_MAX_OUTBOX_MESSAGES),
+        max_connections: layer.max_connections.unwrap_or(0),
+        max_subscriptions_per_client: layer
+            .max_subscriptions_per_client
+            .unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT),
+        max_topic_levels: layer.max_topic_levels.unwrap_or(DEFAULT_MAX_TOPIC_LEVELS),
+        max_client_id_len: layer.max_client_id_len.unwrap_or(DEFAULT_MAX_CLIENT_ID_LEN),
         source: layer.source,
     })
 }
@@ -693,7 +755,10 @@ mod tests {
         assert_eq!(c.threads, 2, "one thread per allowed cpu");
         assert_eq!(c.cpus, None);
         assert_eq!(c.backend, BackendChoice::Auto);
-        assert_eq!(c.listeners, vec![ListenerConfig { bind: addr("127.0.0.1:1883"), allow_anonymous: true }]);
+        assert_eq!(
+            c.listeners,
+            vec![ListenerConfig { bind: addr("127.0.0.1:1883"), allow_anonymous: true, max_connections: 0 }]
+        );
         assert!(c.default_listener);
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
         assert_eq!(c.max_inflight, 20);
@@ -765,9 +830,9 @@ bind = "localhost:1884"
         assert_eq!(
             c.listeners,
             vec![
-                ListenerConfig { bind: addr("0.0.0.0:1883"), allow_anonymous: true },
-                ListenerConfig { bind: addr("[::1]:8883"), allow_anonymous: false },
-                ListenerConfig { bind: addr("127.0.0.1:1884"), allow_anonymous: true },
+                ListenerConfig { bind: addr("0.0.0.0:1883"), allow_anonymous: true, max_connections: 0 },
+                ListenerConfig { bind: addr("[::1]:8883"), allow_anonymous: false, max_connections: 0 },
+                ListenerConfig { bind: addr("127.0.0.1:1884"), allow_anonymous: true, max_connections: 0 },
             ]
         );
     }
@@ -1163,6 +1228,10 @@ bind = "0.0.0.0:1883"
         assert_eq!(example.max_keepalive, defaults.max_keepalive);
         assert_eq!(example.ring_capacity, defaults.ring_capacity);
         assert_eq!(example.max_outbox_messages, defaults.max_outbox_messages);
+        assert_eq!(example.max_connections, defaults.max_connections);
+        assert_eq!(example.max_subscriptions_per_client, defaults.max_subscriptions_per_client);
+        assert_eq!(example.max_topic_levels, defaults.max_topic_levels);
+        assert_eq!(example.max_client_id_len, defaults.max_client_id_len);
         // Every key of the raw file appears in the example, set or commented out.
         for key in [
             "threads",
@@ -1177,9 +1246,14 @@ bind = "0.0.0.0:1883"
             "max_keepalive",
             "ring_capacity",
             "max_outbox_messages",
+            "max_connections",
+            "max_subscriptions_per_client",
+            "max_topic_levels",
+            "max_client_id_len",
             "[[listener]]",
             "bind",
             "allow_anonymous",
+            "max_connections",
         ] {
             assert!(
                 text.lines().any(|l| l.trim_start_matches("# ").starts_with(key)),

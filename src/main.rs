@@ -67,6 +67,25 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     }
 }
 
+/// Raises the open-files limit to its hard limit: every connection is a file descriptor, and the
+/// usual soft limit (1,024) would cap the broker far below what it can serve.
+fn raise_open_files_limit() -> Result<u64, String> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `lim` is a live, properly aligned rlimit the call fills in.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+        // SAFETY: `raised` is a live rlimit read by the call.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        lim = raised;
+    }
+    Ok(lim.rlim_cur)
+}
+
 fn settings(cfg: &Config) -> Settings {
     Settings {
         limits: Limits {
@@ -78,6 +97,9 @@ fn settings(cfg: &Config) -> Settings {
         connect_timeout: cfg.connect_timeout,
         queue_qos0_messages: cfg.queue_qos0_messages,
         max_outbox_messages: cfg.max_outbox_messages,
+        max_subscriptions_per_client: cfg.max_subscriptions_per_client,
+        max_topic_levels: cfg.max_topic_levels,
+        max_client_id_len: cfg.max_client_id_len,
     }
 }
 
@@ -102,12 +124,15 @@ fn main() {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let addrs = cfg.listeners.clone();
+    let per_listener: Vec<usize> = addrs.iter().map(|l| l.max_connections).collect();
+    let limits = xcore::ConnLimits::new(cfg.max_connections, &per_listener);
     for (id, mesh) in meshes.into_iter().enumerate() {
         let setup = CoreSetup {
             id,
             settings: settings(&cfg),
             mesh,
             listeners: addrs.clone(),
+            limits: limits.clone(),
             ready: ready_tx.clone(),
             done: done_tx.clone(),
         };
@@ -144,6 +169,13 @@ fn main() {
             format!("{} ({anon})", l.bind)
         })
         .collect();
+    match raise_open_files_limit() {
+        Ok(n) => eprintln!(
+            "coremq: open files limit {n} (at most about {} client connections)",
+            n.saturating_sub(64)
+        ),
+        Err(e) => eprintln!("coremq: warning: cannot raise the open files limit: {e}"),
+    }
     let pinning = match &cfg.cpus {
         Some(c) => format!(", pinned to cpus {}", cpus::format_cpu_list(c)),
         None => String::new(),

@@ -3,6 +3,7 @@
 //! Latency is measured from the moment a PUBLISH was read from the publisher's socket to the moment the
 //! write carrying its delivery to a subscriber completed, in microseconds.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ pub struct Stats {
     pub dropped: u64,
     /// Batches whose cross-core messages did not all fit a ring: each one paused this core's readers.
     pub ring_stalls: u64,
+    /// Connections refused before a session, by reason (the CONNACK code's meaning, or why none was sent).
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Established connections the broker closed, by reason (protocol errors, keep-alive, takeover).
+    pub closed: BTreeMap<&'static str, u64>,
     pub latency_us: Histogram<u64>,
 }
 
@@ -40,9 +45,21 @@ impl Stats {
             msgs_out: 0,
             dropped: 0,
             ring_stalls: 0,
+            refused: BTreeMap::new(),
+            closed: BTreeMap::new(),
             // 3 significant figures over 1 µs .. 60 s: ~100 KB per core, allocated once.
             latency_us: Histogram::new_with_bounds(1, MAX_TRACKED_US, 3).expect("constant bounds are valid"),
         }
+    }
+
+    /// Counts a connection refused before it got a session. Error paths only: may allocate.
+    pub fn count_refused(&mut self, reason: &'static str) {
+        *self.refused.entry(reason).or_default() += 1;
+    }
+
+    /// Counts an established connection the broker closed.
+    pub fn count_closed(&mut self, reason: &'static str) {
+        *self.closed.entry(reason).or_default() += 1;
     }
 
     /// Records one delivery's in-broker latency.
@@ -58,6 +75,12 @@ impl Stats {
         self.msgs_out += other.msgs_out;
         self.dropped += other.dropped;
         self.ring_stalls += other.ring_stalls;
+        for (k, v) in &other.refused {
+            *self.refused.entry(k).or_default() += v;
+        }
+        for (k, v) in &other.closed {
+            *self.closed.entry(k).or_default() += v;
+        }
         let _ = self.latency_us.add(&other.latency_us);
     }
 
@@ -80,6 +103,12 @@ impl Stats {
             h.value_at_quantile(0.999),
             h.max()
         );
+        for (title, map) in [("refused", &self.refused), ("closed", &self.closed)] {
+            if !map.is_empty() {
+                let parts: Vec<String> = map.iter().map(|(k, v)| format!("{k} {v}")).collect();
+                let _ = writeln!(s, "  {title}: {}", parts.join(", "));
+            }
+        }
         s
     }
 }

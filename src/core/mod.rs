@@ -26,8 +26,8 @@ use crate::protocol::{
 };
 use crate::session::{Delivered, Limits, Message, OutFrame, Outbox, Session};
 use crate::stats::Stats;
-use crate::topic::{valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
-use crate::xcore::{Mesh, XMsg};
+use crate::topic::{level_count, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
+use crate::xcore::{ConnPermit, Mesh, XMsg};
 
 /// Broker-wide settings every core reads (a copy per core).
 #[derive(Clone, Debug)]
@@ -39,6 +39,12 @@ pub struct Settings {
     pub queue_qos0_messages: bool,
     /// Frames an online client's outbox may hold before QoS 0 deliveries to it are dropped.
     pub max_outbox_messages: usize,
+    /// Subscriptions one session may hold.
+    pub max_subscriptions_per_client: usize,
+    /// Levels a topic name or filter may have.
+    pub max_topic_levels: usize,
+    /// Longest client id accepted.
+    pub max_client_id_len: usize,
 }
 
 /// The control block of one connection, shared by the core (which fills the outbox) and the
@@ -135,7 +141,7 @@ pub struct Core {
     dirty: Vec<Rc<ConnCtl>>,
     pub stats: Stats,
     /// Connections handed to this core, waiting for the runtime to spawn their tasks.
-    pub handoffs: Vec<(std::net::TcpStream, Box<Connect>, BytesMut)>,
+    pub handoffs: Vec<(std::net::TcpStream, Box<Connect>, BytesMut, ConnPermit)>,
     inbound: Vec<XMsg>,
     assigned_ids: u64,
     /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
@@ -152,13 +158,17 @@ pub fn home_core(client_id: &str, cores: usize) -> usize {
 
 /// Checks a CONNECT before any session work (on the core that read it). `Err` is the CONNACK code to
 /// send before closing; `Ok(false)` means close without an answer (malformed will topic).
-pub fn check_connect(c: &Connect) -> Result<bool, ConnectReturnCode> {
+pub fn check_connect(c: &Connect, settings: &Settings) -> Result<bool, ConnectReturnCode> {
     if c.client_id.is_empty() && !c.clean_session {
         // MQTT-3.1.3-8: a zero-byte client id needs clean session.
         return Err(ConnectReturnCode::IdentifierRejected);
     }
+    if c.client_id.len() > settings.max_client_id_len {
+        // MQTT-3.1.3-5 lets a server refuse long ids; 0x02 is the code for it.
+        return Err(ConnectReturnCode::IdentifierRejected);
+    }
     if let Some(w) = &c.will {
-        if !valid_topic_name(w.topic.as_str()) {
+        if !valid_topic_name(w.topic.as_str()) || level_count(w.topic.as_str()) > settings.max_topic_levels {
             return Ok(false);
         }
     }
@@ -256,6 +266,7 @@ impl Core {
             // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
             // both happen inside this one borrow, so no delivery can reach both.
             if let Some(old) = self.sessions.get_mut(skey).and_then(|s| s.conn.take()) {
+                self.stats.count_closed("session taken over");
                 self.close_conn(old, false);
             }
             if clean_session || self.sessions.get(skey).is_some_and(|s| s.session.clean) {
@@ -336,6 +347,9 @@ impl Core {
     fn on_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) -> Flow {
         if !valid_topic_name(p.topic.as_str()) {
             return Flow::Close("invalid topic name in PUBLISH");
+        }
+        if level_count(p.topic.as_str()) > self.settings.max_topic_levels {
+            return Flow::Close("too many topic levels in PUBLISH");
         }
         self.stats.msgs_in += 1;
         let route = match p.qos {
@@ -489,7 +503,15 @@ impl Core {
         let mut granted_filters: SmallVec<[(Utf8Bytes, QoS); 2]> = SmallVec::new();
         for f in sub.filters {
             let filter = f.filter.as_str();
-            if !valid_topic_filter(filter) {
+            if !valid_topic_filter(filter) || level_count(filter) > self.settings.max_topic_levels {
+                codes.push(SubAckCode::Failure);
+                continue;
+            }
+            let at_limit = self.sessions.get(skey).is_some_and(|se| {
+                let subs = &se.session.subscriptions;
+                subs.len() >= self.settings.max_subscriptions_per_client && !subs.contains_key(filter)
+            });
+            if at_limit {
                 codes.push(SubAckCode::Failure);
                 continue;
             }
@@ -609,6 +631,12 @@ impl Core {
         for key in expired {
             // The reader sees the shutdown and calls conn_closed; closing here already publishes the
             // will and detaches the session, so the reader's later call finds nothing.
+            let connected = self.conns.get(key).is_some_and(|c| c.session.is_some());
+            if connected {
+                self.stats.count_closed("keep-alive timeout");
+            } else {
+                self.stats.count_refused("no CONNECT within connect_timeout");
+            }
             self.close_conn(key, false);
         }
     }
@@ -632,8 +660,8 @@ impl Core {
                         self.interest.remove(&filter, core);
                     }
                 }
-                XMsg::Handoff { stream, connect, buffered } => {
-                    self.handoffs.push((stream, connect, buffered))
+                XMsg::Handoff { stream, connect, buffered, permit } => {
+                    self.handoffs.push((stream, connect, buffered, permit))
                 }
             }
         }

@@ -13,7 +13,7 @@ use crate::protocol::{
     self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion, Utf8Bytes,
 };
 use crate::session::{OutFrame, Outbox};
-use crate::xcore::XMsg;
+use crate::xcore::{ConnPermit, XMsg};
 
 /// First read buffer of a connection. Small, because an io_uring read holds its buffer while the
 /// connection is idle (a typical CONNECT fits); it doubles when a read fills it, up to
@@ -40,7 +40,7 @@ fn prepare_read(buf: &mut BytesMut, want: usize, max_packet: usize) {
 /// here or hands it to the home core of its client id. With `allow_anonymous` false every client is
 /// refused with CONNACK 0x05, as mosquitto does when no password file is configured (authentication
 /// arrives with password files).
-pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
+pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool, permit: ConnPermit) {
     let conn = Rc::new(conn);
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register(ctl.clone());
@@ -50,29 +50,42 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
         prepare_read(&mut buf, READ_BUF_INITIAL, max_packet);
         let (res, b) = conn.read(buf).await;
         buf = b;
-        if !matches!(res, Ok(n) if n > 0) || ctl.is_closing() {
-            return refuse(&core, key, &ctl, &conn, None).await;
+        if ctl.is_closing() {
+            // The sweeper closed it (connect_timeout) and counted it.
+            return refuse(&core, key, &ctl, &conn, None, None).await;
+        }
+        if !matches!(res, Ok(n) if n > 0) {
+            return refuse(&core, key, &ctl, &conn, None, Some("closed before CONNECT")).await;
         }
         match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
             Ok(Some(Packet::Connect(c))) => break c,
             // MQTT-3.1.0-1: the first packet must be CONNECT.
-            Ok(Some(_)) => return refuse(&core, key, &ctl, &conn, None).await,
+            Ok(Some(_)) => {
+                return refuse(&core, key, &ctl, &conn, None, Some("first packet not CONNECT")).await
+            }
             Ok(None) => continue,
             // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01, then the connection closes.
             Err(DecodeError::UnsupportedProtocolLevel { .. }) => {
-                return refuse(&core, key, &ctl, &conn, Some(ConnectReturnCode::UnacceptableProtocolVersion))
+                let code = ConnectReturnCode::UnacceptableProtocolVersion;
+                return refuse(&core, key, &ctl, &conn, Some(code), Some("unacceptable protocol version"))
                     .await;
             }
-            Err(_) => return refuse(&core, key, &ctl, &conn, None).await,
+            Err(_) => return refuse(&core, key, &ctl, &conn, None, Some("malformed CONNECT")).await,
         }
     };
     let mut connect = connect;
     if !allow_anonymous {
-        return refuse(&core, key, &ctl, &conn, Some(ConnectReturnCode::NotAuthorized)).await;
+        let code = ConnectReturnCode::NotAuthorized;
+        return refuse(&core, key, &ctl, &conn, Some(code), Some("not authorized")).await;
     }
-    match check_connect(&connect) {
-        Err(code) => return refuse(&core, key, &ctl, &conn, Some(code)).await,
-        Ok(false) => return refuse(&core, key, &ctl, &conn, None).await,
+    if !permit.granted() {
+        let code = ConnectReturnCode::ServerUnavailable;
+        return refuse(&core, key, &ctl, &conn, Some(code), Some("max_connections reached")).await;
+    }
+    let check = check_connect(&connect, core.borrow().settings());
+    match check {
+        Err(code) => return refuse(&core, key, &ctl, &conn, Some(code), Some("identifier rejected")).await,
+        Ok(false) => return refuse(&core, key, &ctl, &conn, None, Some("invalid will topic")).await,
         Ok(true) => {}
     }
     if connect.client_id.is_empty() {
@@ -86,7 +99,7 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     if home == me {
         // A task of its own, so that this handshake's future (and its larger state) is freed now
         // rather than held for the connection's whole life.
-        io::spawn_local(established(core, key, ctl, conn, connect, buf));
+        io::spawn_local(established(core, key, ctl, conn, connect, buf, permit));
         return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
@@ -96,7 +109,7 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
     match conn.into_std() {
         Ok(stream) => {
             let mut c = core.borrow_mut();
-            c.mesh.stage(home, XMsg::Handoff { stream, connect, buffered: buf });
+            c.mesh.stage(home, XMsg::Handoff { stream, connect, buffered: buf, permit });
             c.end_batch();
             drop(c);
             schedule_tick(&core);
@@ -106,7 +119,13 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool) {
 }
 
 /// A connection handed over by another core, with its CONNECT already read and checked.
-pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: Box<Connect>, buf: BytesMut) {
+pub async fn serve_handoff(
+    core: CoreRef,
+    stream: std::net::TcpStream,
+    connect: Box<Connect>,
+    buf: BytesMut,
+    permit: ConnPermit,
+) {
     let adopted = match io::current_backend() {
         Some(backend) => Conn::from_std(stream, backend),
         None => Err(std::io::Error::other("not inside a core's runtime")),
@@ -120,7 +139,7 @@ pub async fn serve_handoff(core: CoreRef, stream: std::net::TcpStream, connect: 
     };
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register_handoff(ctl.clone());
-    established(core, key, ctl, conn, connect, buf).await
+    established(core, key, ctl, conn, connect, buf, permit).await
 }
 
 fn detach_strings(c: &mut Connect) {
@@ -133,9 +152,23 @@ fn detach_strings(c: &mut Connect) {
     }
 }
 
-/// Closes a connection that never got a session, after sending CONNACK `code` if given.
-async fn refuse(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>, conn: &Conn, code: Option<ConnectReturnCode>) {
-    core.borrow_mut().unregister(key, ctl);
+/// Closes a connection that never got a session, after sending CONNACK `code` if given, and counts it
+/// under `reason` (None: already counted).
+async fn refuse(
+    core: &CoreRef,
+    key: usize,
+    ctl: &Rc<ConnCtl>,
+    conn: &Conn,
+    code: Option<ConnectReturnCode>,
+    reason: Option<&'static str>,
+) {
+    {
+        let mut c = core.borrow_mut();
+        c.unregister(key, ctl);
+        if let Some(reason) = reason {
+            c.stats.count_refused(reason);
+        }
+    }
     if let Some(code) = code {
         let mut out = BytesMut::new();
         protocol::encode(
@@ -156,6 +189,8 @@ async fn established(
     conn: Rc<Conn>,
     mut connect: Box<Connect>,
     mut buf: BytesMut,
+    // Held, not read: dropping it at the end releases this connection's place in max_connections.
+    _permit: ConnPermit,
 ) {
     // The CONNECT's strings are slices of the first read buffer; the session keeps them for its whole
     // life, so give them their own small allocations instead of pinning that buffer.
@@ -193,7 +228,10 @@ async fn established(
         match flow {
             Flow::Continue => {}
             Flow::Disconnect => break true,
-            Flow::Close(_) => break false,
+            Flow::Close(reason) => {
+                core.borrow_mut().stats.count_closed(reason);
+                break false;
+            }
         }
         if ctl.is_closing() {
             break false;

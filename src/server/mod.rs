@@ -16,7 +16,7 @@ use crate::config::ListenerConfig;
 use crate::core::{Core, Settings};
 use crate::io::{self, Listener};
 use crate::stats::Stats;
-use crate::xcore::{Mesh, Signal};
+use crate::xcore::{ConnLimits, Mesh, Signal};
 
 /// Set once by the main thread on SIGINT/SIGTERM; every core then stops.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
@@ -52,6 +52,8 @@ pub struct CoreSetup {
     pub settings: Settings,
     pub mesh: Mesh,
     pub listeners: Vec<ListenerConfig>,
+    /// `max_connections` counts, shared by every core.
+    pub limits: Arc<ConnLimits>,
     /// Reports whether the listeners could be bound.
     pub ready: Sender<Result<(), String>>,
     /// Receives the core's statistics when it stops.
@@ -72,8 +74,8 @@ fn schedule_tick(core: &CoreRef) {
 fn after_batch(core: &CoreRef) {
     schedule_tick(core);
     let handoffs = std::mem::take(&mut core.borrow_mut().handoffs);
-    for (stream, connect, buf) in handoffs {
-        io::spawn_local(conn::serve_handoff(core.clone(), stream, connect, buf));
+    for (stream, connect, buf, permit) in handoffs {
+        io::spawn_local(conn::serve_handoff(core.clone(), stream, connect, buf, permit));
     }
 }
 
@@ -123,10 +125,19 @@ async fn sweeper(core: CoreRef) {
     }
 }
 
-async fn accept_loop(core: CoreRef, listener: Listener, allow_anonymous: bool) {
+async fn accept_loop(
+    core: CoreRef,
+    listener: Listener,
+    index: usize,
+    allow_anonymous: bool,
+    limits: Arc<ConnLimits>,
+) {
     loop {
         match listener.accept().await {
-            Ok((conn, _peer)) => io::spawn_local(conn::serve_new(core.clone(), conn, allow_anonymous)),
+            Ok((conn, _peer)) => {
+                let permit = limits.acquire(index);
+                io::spawn_local(conn::serve_new(core.clone(), conn, allow_anonymous, permit))
+            }
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning; never exit.
                 eprintln!("coremq: core {}: accept failed: {e}", core.borrow().id);
@@ -165,7 +176,7 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
 
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
-    let CoreSetup { id, settings, mesh, listeners, ready, done } = setup;
+    let CoreSetup { id, settings, mesh, listeners, limits, ready, done } = setup;
     let mut bound = Vec::new();
     for lc in &listeners {
         match Listener::bind(lc.bind) {
@@ -183,8 +194,8 @@ pub async fn run_core(setup: CoreSetup) {
         tick_scheduled: Cell::new(false),
         unblocked: Notify::new(),
     });
-    for (l, allow_anonymous) in bound {
-        io::spawn_local(accept_loop(core.clone(), l, allow_anonymous));
+    for (index, (l, allow_anonymous)) in bound.into_iter().enumerate() {
+        io::spawn_local(accept_loop(core.clone(), l, index, allow_anonymous, limits.clone()));
     }
     io::spawn_local(sweeper(core.clone()));
     io::spawn_local(tick_task(core.clone()));

@@ -12,7 +12,7 @@
 //! its sockets until the consumer, having drained, signals `room`.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -35,7 +35,71 @@ pub enum XMsg {
     Interest { core: usize, filter: Box<str>, add: bool },
     /// A connection whose CONNECT arrived on the sending core but whose session lives on the destination
     /// core (the home core of its client id). `buffered` holds bytes read after the CONNECT.
-    Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut },
+    Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut, permit: ConnPermit },
+}
+
+/// Connection counts against `max_connections`, global and per listener, shared by every core: a core
+/// cannot know how many connections the others serve without them. Touched once per connect and
+/// disconnect, never per message.
+#[derive(Debug)]
+pub struct ConnLimits {
+    total: AtomicUsize,
+    max_total: usize,
+    /// Per listener: (current, max); max 0 = no limit of its own.
+    listeners: Vec<(AtomicUsize, usize)>,
+}
+
+impl ConnLimits {
+    /// `max_total` and each of `per_listener`: 0 means no limit.
+    pub fn new(max_total: usize, per_listener: &[usize]) -> Arc<ConnLimits> {
+        Arc::new(ConnLimits {
+            total: AtomicUsize::new(0),
+            max_total,
+            listeners: per_listener.iter().map(|&m| (AtomicUsize::new(0), m)).collect(),
+        })
+    }
+
+    /// Counts a new connection on `listener`. The permit says whether it fits the limits; either way it
+    /// is counted until the permit is dropped (a refused connection holds it while it is answered).
+    pub fn acquire(self: &Arc<ConnLimits>, listener: usize) -> ConnPermit {
+        let total = self.total.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut granted = self.max_total == 0 || total <= self.max_total;
+        if let Some((n, max)) = self.listeners.get(listener) {
+            let here = n.fetch_add(1, Ordering::Relaxed) + 1;
+            granted &= *max == 0 || here <= *max;
+        }
+        ConnPermit { limits: self.clone(), listener, granted }
+    }
+
+    /// Connections counted now, all listeners together.
+    pub fn current(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's place in [`ConnLimits`]; travels with a handed-off connection and is released
+/// when the connection ends, on whichever core that is.
+#[derive(Debug)]
+pub struct ConnPermit {
+    limits: Arc<ConnLimits>,
+    listener: usize,
+    granted: bool,
+}
+
+impl ConnPermit {
+    /// Whether the connection fits `max_connections`; if not it gets CONNACK 0x03.
+    pub fn granted(&self) -> bool {
+        self.granted
+    }
+}
+
+impl Drop for ConnPermit {
+    fn drop(&mut self) {
+        self.limits.total.fetch_sub(1, Ordering::Relaxed);
+        if let Some((n, _)) = self.limits.listeners.get(self.listener) {
+            n.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Per-core flags and wake-ups that other threads may touch. Aligned to 128 bytes (two cache lines,
@@ -274,6 +338,24 @@ mod tests {
             XMsg::Interest { core, .. } => assert_eq!(*core, CAP + 4),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn conn_limits_count_and_release() {
+        let l = ConnLimits::new(3, &[0, 1]);
+        let a = l.acquire(0);
+        let b = l.acquire(1);
+        let c = l.acquire(1);
+        assert!(a.granted() && b.granted());
+        assert!(!c.granted(), "listener 1 allows one connection");
+        let d = l.acquire(0);
+        assert!(!d.granted(), "four connections exceed the global three");
+        assert_eq!(l.current(), 4);
+        drop((b, c, d));
+        assert_eq!(l.current(), 1);
+        assert!(l.acquire(1).granted(), "released places are reusable");
+        drop(a);
+        assert_eq!(l.current(), 0);
     }
 
     #[test]

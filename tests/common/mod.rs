@@ -10,6 +10,7 @@
 //! validated against the reference implementation.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod raw;
 pub mod tools;
 
@@ -317,6 +318,11 @@ impl Broker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Process id of the running broker (for /proc probes).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("broker already stopped").id()
     }
 
     fn read_output(&self, name: &str) -> String {

@@ -1,0 +1,759 @@
+//! Faults and load: ten thousand concurrent connections, connections dropped mid-CONNECT, garbage
+//! input, clients killed in the middle of QoS 2 flows, and a subscriber that stops reading under a
+//! QoS 1 flood. Every test ends by checking that a healthy client still publishes and receives and
+//! that the broker gave back its descriptors and memory (RSS near its baseline).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::load::{self, Chatter, Rng};
+use common::raw::{self, Connect, Pkt, Raw, Recv};
+use common::{all_stats, client, qos, use_mosquitto, Backend, Broker, Settings, SILENCE, WAIT};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+backend_tests!(
+    ten_thousand_connections,
+    half_connects_dropped,
+    garbage_is_closed,
+    qos2_flows_survive_kills,
+    stalled_subscriber_under_flood,
+);
+
+/// Connection attempts in flight at a time: well below the listen backlog (1024).
+const CONNECT_WIDTH: usize = 500;
+/// How long the broker gets to give back descriptors and memory after a test's connections close.
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// Prints the broker's shutdown report (stats, refusal and close reasons) into the test log.
+fn print_report(tag: &str, stdout: &str) {
+    for l in stdout.lines().filter(|l| !l.trim().is_empty()) {
+        eprintln!("{tag}: broker: {l}");
+    }
+}
+
+/// The first client id with `prefix` whose session lives on `core` of 2 (meaningless, but
+/// harmless, under mosquitto).
+fn id_on_core(prefix: &str, core: usize) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| coremq::core::home_core(id, 2) == core)
+        .expect("some id hashes to each core")
+}
+
+/// Closes `s` with a TCP reset (SO_LINGER 0) instead of a FIN.
+fn reset(s: TcpStream) {
+    #[allow(deprecated)]
+    let _ = s.set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Ten thousand concurrent connections
+// ---------------------------------------------------------------------------------------------
+
+async fn ten_thousand_connections(b: Backend) {
+    let limit = load::raise_nofile();
+    // Two variants at once would need twice the descriptors the limit allows.
+    let _heavy = load::heavy().await;
+    // This process holds one descriptor per connection; keep ~500 for everything else.
+    let n = if limit >= 10_500 {
+        10_000
+    } else {
+        let n = limit.saturating_sub(500) as usize;
+        eprintln!("NOTE: RLIMIT_NOFILE is only {limit}: scaled down to {n} connections");
+        n
+    };
+    let broker = Broker::start(b);
+    let (port, pid) = (broker.port, broker.pid());
+    let mut sub = client(port, "c10k-sub").await;
+    sub.subscribe("c10k/t", qos(1)).await;
+    let mut publ = client(port, "c10k-pub").await;
+    let base = load::usage(pid);
+
+    let t0 = Instant::now();
+    let results = load::run_limited(
+        (0..n).map(|i| load::mqtt_connect(port, Connect::new(&format!("c10k-{i}"), true))),
+        CONNECT_WIDTH,
+    )
+    .await;
+    if let Some(f) = load::failures(&results) {
+        panic!("{n} concurrent connections: {f}");
+    }
+    let connect_time = t0.elapsed();
+    let held: Vec<TcpStream> = results.into_iter().map(|r| r.expect("checked above").0).collect();
+    let full = load::usage(pid);
+
+    // Served, not merely accepted: every held connection answers a PINGREQ...
+    let t1 = Instant::now();
+    let pinged = load::run_limited(
+        held.into_iter().map(|mut s| async move {
+            load::send(&mut s, &raw::pingreq()).await?;
+            match load::read_packet(&mut s, WAIT).await? {
+                (0xd0, body) if body.is_empty() => Ok(s),
+                other => Err(format!("expected PINGRESP, got {other:?}")),
+            }
+        }),
+        2 * CONNECT_WIDTH,
+    )
+    .await;
+    if let Some(f) = load::failures(&pinged) {
+        panic!("PINGREQ on {n} held connections: {f}");
+    }
+    let mut held: Vec<TcpStream> = pinged.into_iter().map(|r| r.expect("checked above")).collect();
+    let ping_time = t1.elapsed();
+
+    // ... and a sample of them subscribes and receives a publish made while all are connected.
+    let sample: Vec<usize> = (0..n).step_by((n / 10).max(1)).chain([n - 1]).collect();
+    for &i in &sample {
+        let s = &mut held[i];
+        load::send(s, &raw::subscribe(1, &[("c10k/t", 0)])).await.expect("SUBSCRIBE");
+        let ack = load::read_packet(s, WAIT).await.unwrap_or_else(|e| panic!("held {i}: {e}"));
+        assert_eq!(ack, (0x90, vec![0, 1, 0]), "SUBACK on held connection {i}");
+    }
+    publ.publish("c10k/t", qos(1), false, "to all").await;
+    assert_eq!(&sub.recv().await.payload[..], b"to all");
+    let want = raw::publish("c10k/t", 0, false, false, 0, b"to all");
+    for &i in &sample {
+        let got = load::read_packet(&mut held[i], WAIT).await.unwrap_or_else(|e| panic!("held {i}: {e}"));
+        assert_eq!((got.0, &got.1[..]), (want[0], &want[2..]), "PUBLISH on held connection {i}");
+    }
+
+    // All gone at once: the broker must notice every close and give back what they held.
+    let t2 = Instant::now();
+    drop(held);
+    let settled = load::settle(pid, base, SETTLE).await;
+    let settle_time = t2.elapsed();
+    eprintln!(
+        "c10k/{}: {n} connections in {connect_time:?}, all pinged in {ping_time:?}, closed and settled \
+         in {settle_time:?}; broker baseline {base:?}, all connected {full:?}, settled {settled:?}",
+        b.as_str()
+    );
+
+    publ.publish("c10k/t", qos(1), false, "after").await;
+    assert_eq!(&sub.recv().await.payload[..], b"after");
+    load::healthy_roundtrip(port, "c10k").await;
+    sub.disconnect().await;
+    publ.disconnect().await;
+    if !use_mosquitto() {
+        let st = broker.stop();
+        print_report("c10k", &st.stdout);
+        assert!(st.status.success(), "{st:?}");
+        let all = all_stats(&st.stdout);
+        assert_eq!(all.connections, n as u64 + 4, "every connection accepted and counted");
+        assert_eq!(all.messages_in, 3);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Connections dropped mid-CONNECT
+// ---------------------------------------------------------------------------------------------
+
+async fn half_connects_dropped(b: Backend) {
+    const N: usize = 1000;
+    let broker = Broker::start(b);
+    let (port, pid) = (broker.port, broker.pid());
+    let chatter = Chatter::start(port, "half").await;
+    let base = load::usage(pid);
+
+    let t0 = Instant::now();
+    let results = load::run_limited(
+        (0..N).map(|i| async move {
+            let connect = Connect::new(&format!("half-{i}"), false).encode();
+            let part = match i % 4 {
+                // Half of the packet, closed with a FIN or a reset.
+                0 | 1 => &connect[..connect.len() / 2],
+                // Only the packet type byte.
+                2 => &connect[..1],
+                // The whole fixed header and nothing of the body.
+                _ => &connect[..2],
+            };
+            let mut s = load::tcp(port).await?;
+            load::send(&mut s, part).await?;
+            if i % 2 == 1 {
+                reset(s);
+            } else {
+                drop(s);
+            }
+            Ok(())
+        }),
+        CONNECT_WIDTH,
+    )
+    .await;
+    if let Some(f) = load::failures(&results) {
+        panic!("half CONNECTs: {f}");
+    }
+    // Every one of them closed by the broker: its descriptors are back to the baseline.
+    let settled = load::settle(pid, base, SETTLE).await;
+    eprintln!(
+        "half/{}: {N} half CONNECTs dropped and settled in {:?}; baseline {base:?}, settled {settled:?}",
+        b.as_str(),
+        t0.elapsed()
+    );
+    // None of them left a session behind.
+    for i in 0..4 {
+        let (c, sp) = Raw::connect(port, &format!("half-{i}"), false).await;
+        assert!(!sp, "half-{i}: a CONNECT that never arrived whole must not create a session");
+        c.disconnect().await;
+    }
+    let chat = chatter.finish().await;
+    assert!(chat.sent > 0, "the healthy pair exchanged messages during the storm");
+    load::healthy_roundtrip(port, "half").await;
+    if !use_mosquitto() {
+        let st = broker.stop();
+        print_report("half", &st.stdout);
+        assert!(st.status.success(), "{st:?}");
+        let all = all_stats(&st.stdout);
+        assert_eq!(all.connections, N as u64 + 8, "every connection accepted and counted");
+        assert_eq!(all.messages_in, chat.sent + 1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Garbage input
+// ---------------------------------------------------------------------------------------------
+
+/// What a garbage connection may receive before the broker closes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Exactly one CONNACK with this code.
+    ConnAck(u8),
+    /// Nothing, or one CONNACK refusing the connection (nonzero code).
+    NothingOrRefusal,
+}
+
+/// A CONNECT that the broker accepts (so the garbage after it is judged as a session's input).
+fn good_connect(i: usize) -> Vec<u8> {
+    let mut c = Connect::new(&format!("garbage-{i}"), true);
+    c.keep_alive = 0;
+    c.encode()
+}
+
+/// Garbage kind `i % 17`: (name, bytes, expected answer). Deterministic for a given `i`.
+fn garbage(i: usize) -> (&'static str, Vec<u8>, Answer) {
+    use Answer::*;
+    let after_connect = |rest: &[u8]| {
+        let mut v = good_connect(i);
+        v.extend_from_slice(rest);
+        v
+    };
+    let connect_with = |f: &dyn Fn(&mut Connect)| {
+        let mut c = Connect::new(&format!("garbage-{i}"), true);
+        f(&mut c);
+        c.encode()
+    };
+    match i % 17 {
+        0 => ("random bytes", Rng::new(i as u64).bytes(64), NothingOrRefusal),
+        1 => ("5-byte remaining length", vec![0x10, 0xff, 0xff, 0xff, 0xff, 0x7f], NothingOrRefusal),
+        2 => {
+            let mut v = vec![0x10, 0xff, 0xff, 0xff, 0x7f];
+            v.extend_from_slice(&[0; 16]);
+            ("256 MiB CONNECT", v, NothingOrRefusal)
+        }
+        3 => (
+            "PUBLISH before CONNECT",
+            raw::publish("garbage/t", 0, false, false, 0, b"evil"),
+            NothingOrRefusal,
+        ),
+        4 => ("protocol name MQTX", connect_with(&|c| c.protocol_name = "MQTX".into()), NothingOrRefusal),
+        // MQTT-3.1.2-2: an unsupported level is answered with CONNACK 1, then closed.
+        5 => ("protocol level 9", connect_with(&|c| c.level = 9), ConnAck(1)),
+        6 => {
+            let mut v = connect_with(&|_| {});
+            // [type, len, 0, 4, M, Q, T, T, level, flags, ...]: set the reserved flag bit.
+            v[9] |= 0x01;
+            ("reserved CONNECT flag", v, NothingOrRefusal)
+        }
+        7 => {
+            let mut v = connect_with(&|c| c.client_id = "xx".into());
+            let at = v.len() - 2;
+            // An overlong encoding of U+0000: not UTF-8 at all.
+            v[at..].copy_from_slice(&[0xc0, 0x80]);
+            ("client id not UTF-8", v, NothingOrRefusal)
+        }
+        8 => ("reserved packet type 0", after_connect(&[0x00, 0x00]), ConnAck(0)),
+        9 => ("second CONNECT", after_connect(&good_connect(i)), ConnAck(0)),
+        10 => (
+            "wildcard in PUBLISH topic",
+            after_connect(&raw::publish("garbage/#", 0, false, false, 0, b"evil")),
+            ConnAck(0),
+        ),
+        11 => {
+            let mut sub = raw::subscribe(1, &[("garbage/t", 0)]);
+            sub[0] = 0x80;
+            ("SUBSCRIBE with reserved flags 0", after_connect(&sub), ConnAck(0))
+        }
+        12 => {
+            let mut p = raw::publish("garbage/t", 1, false, false, 1, b"evil");
+            p[0] = 0x36;
+            ("PUBLISH QoS 3", after_connect(&p), ConnAck(0))
+        }
+        13 => ("reserved packet type 15", after_connect(&[0xf0, 0x00]), ConnAck(0)),
+        14 => ("empty CONNECT", vec![0x10, 0x00], NothingOrRefusal),
+        15 => (
+            "5-byte remaining length after CONNECT",
+            after_connect(&[0x30, 0xff, 0xff, 0xff, 0xff, 0x7f]),
+            ConnAck(0),
+        ),
+        _ => {
+            let mut rest = vec![0x30, 0xff, 0xff, 0xff, 0x7f, 0x00, 0x09];
+            rest.extend_from_slice(b"garbage/t");
+            ("256 MiB PUBLISH after CONNECT", after_connect(&rest), ConnAck(0))
+        }
+    }
+}
+
+async fn garbage_is_closed(b: Backend) {
+    const N: usize = 1000;
+    // Random bytes may look like the start of a long packet: the connect timeout ends those.
+    let s = Settings { connect_timeout: Some(2), ..Settings::default() };
+    let broker = Broker::start_with(b, &s);
+    let (port, pid) = (broker.port, broker.pid());
+    // Garbage aimed at this topic must never reach a subscriber.
+    let mut watcher = client(port, "garbage-watch").await;
+    watcher.subscribe("garbage/#", qos(1)).await;
+    let chatter = Chatter::start(port, "garbage").await;
+    let base = load::usage(pid);
+
+    let t0 = Instant::now();
+    let results = load::run_limited(
+        (0..N).map(|i| async move {
+            let (name, bytes, answer) = garbage(i);
+            let mut s = load::tcp(port).await?;
+            let t = Instant::now();
+            // The broker may close before taking everything: a failed write is fine, the read says.
+            let _ = s.write_all(&bytes).await;
+            let got = load::read_to_close(&mut s, WAIT)
+                .await
+                .map_err(|got| format!("{name} (#{i}): still open after {WAIT:?}, got {got:?}"))?;
+            let took = t.elapsed();
+            let pkts = load::split_packets(&got);
+            let ok = match answer {
+                Answer::ConnAck(code) => pkts == [(0x20, vec![0, code])],
+                Answer::NothingOrRefusal => {
+                    pkts.is_empty() || (pkts.len() == 1 && pkts[0].0 == 0x20 && pkts[0].1.get(1) != Some(&0))
+                }
+            };
+            if !ok {
+                return Err(format!("{name} (#{i}): expected {answer:?} then close, got {pkts:?}"));
+            }
+            Ok((name, took))
+        }),
+        200,
+    )
+    .await;
+    if let Some(f) = load::failures(&results) {
+        panic!("garbage connections: {f}");
+    }
+    let mut slowest: BTreeMap<&str, Duration> = BTreeMap::new();
+    for (name, took) in results.into_iter().map(|r| r.expect("checked above")) {
+        let e = slowest.entry(name).or_default();
+        *e = (*e).max(took);
+    }
+    let settled = load::settle(pid, base, SETTLE).await;
+    eprintln!(
+        "garbage/{}: {N} garbage connections closed and settled in {:?}; baseline {base:?}, settled \
+         {settled:?}; slowest close per kind: {slowest:#?}",
+        b.as_str(),
+        t0.elapsed()
+    );
+    // Only random bytes may legitimately wait for the rest of a "packet" (until the connect
+    // timeout); everything else is invalid as soon as it arrives.
+    for (name, took) in &slowest {
+        if *name != "random bytes" {
+            assert!(*took < Duration::from_secs(1), "{name}: closed only after {took:?}");
+        }
+    }
+
+    let chat = chatter.finish().await;
+    eprintln!(
+        "garbage/{}: healthy pair during the storm: {} round trips, p50 {:?}, max {:?}",
+        b.as_str(),
+        chat.sent,
+        chat.quantile(0.5),
+        chat.max()
+    );
+    assert!(chat.sent > 0, "the healthy pair exchanged messages during the storm");
+    watcher.expect_nothing().await;
+    assert!(!watcher.wait_closed(Duration::ZERO).await, "the watcher's connection survived");
+    load::healthy_roundtrip(port, "garbage").await;
+    watcher.disconnect().await;
+    if !use_mosquitto() {
+        let st = broker.stop();
+        print_report("garbage", &st.stdout);
+        assert!(st.status.success(), "{st:?}");
+        let all = all_stats(&st.stdout);
+        assert_eq!(all.connections, N as u64 + 5, "every connection accepted and counted");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. QoS 2 flows interrupted by killed clients
+// ---------------------------------------------------------------------------------------------
+
+/// How the publisher behaves for one message.
+#[derive(Debug, Clone, Copy)]
+enum PubFate {
+    /// Completes the flow on one connection.
+    Completes,
+    /// Killed after PUBREC; reconnects and sends PUBREL.
+    KilledAfterPubrec,
+    /// Killed right after writing PUBLISH; reconnects and re-sends it with DUP.
+    KilledAfterPublish,
+}
+
+/// How the subscriber behaves for one message.
+#[derive(Debug, Clone, Copy)]
+enum SubFate {
+    /// Completes the flow on one connection.
+    Completes,
+    /// Killed before answering PUBREC: must get the PUBLISH again with DUP.
+    KilledBeforePubrec,
+    /// Killed right after writing PUBREC: the broker resumes with PUBREL, or (if the reset beat
+    /// the PUBREC) with the PUBLISH again, which the subscriber must not deliver twice.
+    KilledAfterPubrec,
+    /// Killed after receiving PUBREL, before PUBCOMP: must get the PUBREL again.
+    KilledAfterPubrel,
+}
+
+/// A persistent QoS 2 subscriber that keeps its receiver state (MQTT 4.3.3) across connections,
+/// as a real client with durable storage would: a PUBLISH whose packet id it has already taken
+/// (and not yet released by PUBREL) is acknowledged but not delivered again.
+struct Q2Sub {
+    port: u16,
+    id: String,
+    conn: Option<Raw>,
+    unreleased: BTreeSet<u16>,
+    delivered: Vec<Vec<u8>>,
+}
+
+impl Q2Sub {
+    fn conn(&mut self) -> &mut Raw {
+        self.conn.as_mut().expect("connected")
+    }
+
+    fn kill(&mut self) {
+        self.conn.take().expect("connected").reset();
+    }
+
+    async fn reconnect(&mut self) {
+        let (c, sp) = Raw::connect(self.port, &self.id, false).await;
+        assert!(sp, "{}: persistent session present after a kill", self.id);
+        self.conn = Some(c);
+    }
+
+    /// Takes a PUBLISH: delivers it unless its packet id is still unreleased.
+    fn take(&mut self, m: &raw::Msg) {
+        assert_eq!(m.qos, 2, "{}: {m:?}", self.id);
+        if self.unreleased.insert(m.pkid) {
+            self.delivered.push(m.payload.clone());
+        } else {
+            assert!(m.dup, "{}: a re-sent PUBLISH must have DUP set: {m:?}", self.id);
+        }
+    }
+
+    /// Finishes the flow for `pkid` once PUBREC has been sent: PUBREL in, PUBCOMP out.
+    async fn release(&mut self, pkid: u16) {
+        assert_eq!(self.conn().recv().await, Pkt::PubRel(pkid), "{}", self.id);
+        self.unreleased.remove(&pkid);
+        self.conn().send(&raw::pubcomp(pkid)).await;
+    }
+
+    /// Receives the next message with `fate`; returns true when a kill after PUBREC was resumed
+    /// with the PUBLISH rather than the PUBREL.
+    async fn receive(&mut self, fate: SubFate) -> bool {
+        let m = self.conn().recv_publish().await;
+        self.take(&m);
+        let mut resumed_with_publish = false;
+        match fate {
+            SubFate::Completes => {
+                self.conn().send(&raw::pubrec(m.pkid)).await;
+                self.release(m.pkid).await;
+            }
+            SubFate::KilledBeforePubrec => {
+                self.kill();
+                self.reconnect().await;
+                let again = self.conn().recv_publish().await;
+                assert!(
+                    again.dup && again.pkid == m.pkid,
+                    "{}: expected {m:?} again with DUP, got {again:?}",
+                    self.id
+                );
+                self.take(&again);
+                self.conn().send(&raw::pubrec(m.pkid)).await;
+                self.release(m.pkid).await;
+            }
+            SubFate::KilledAfterPubrec => {
+                self.conn().send(&raw::pubrec(m.pkid)).await;
+                self.kill();
+                self.reconnect().await;
+                match self.conn().recv().await {
+                    Pkt::PubRel(id) if id == m.pkid => {}
+                    Pkt::Publish(again) if again.pkid == m.pkid => {
+                        resumed_with_publish = true;
+                        self.take(&again);
+                        self.conn().send(&raw::pubrec(m.pkid)).await;
+                        assert_eq!(self.conn().recv().await, Pkt::PubRel(m.pkid), "{}", self.id);
+                    }
+                    other => {
+                        panic!("{}: expected PUBREL {} or the PUBLISH again, got {other:?}", self.id, m.pkid)
+                    }
+                }
+                self.unreleased.remove(&m.pkid);
+                self.conn().send(&raw::pubcomp(m.pkid)).await;
+            }
+            SubFate::KilledAfterPubrel => {
+                self.conn().send(&raw::pubrec(m.pkid)).await;
+                assert_eq!(self.conn().recv().await, Pkt::PubRel(m.pkid), "{}", self.id);
+                self.kill();
+                self.reconnect().await;
+                self.release(m.pkid).await;
+            }
+        }
+        resumed_with_publish
+    }
+}
+
+async fn qos2_flows_survive_kills(b: Backend) {
+    const PUB_FATES: [PubFate; 3] =
+        [PubFate::Completes, PubFate::KilledAfterPubrec, PubFate::KilledAfterPublish];
+    const SUB_FATES: [SubFate; 4] = [
+        SubFate::Completes,
+        SubFate::KilledBeforePubrec,
+        SubFate::KilledAfterPubrec,
+        SubFate::KilledAfterPubrel,
+    ];
+    let broker = Broker::start(b);
+    let (port, pid) = (broker.port, broker.pid());
+    let base = load::usage(pid);
+    let topic = "q2kill/t";
+    let pub_id = "q2kill-pub";
+    let mut sub = Q2Sub {
+        port,
+        id: "q2kill-sub".into(),
+        conn: None,
+        unreleased: BTreeSet::new(),
+        delivered: Vec::new(),
+    };
+    let (mut c, _) = Raw::connect(port, &sub.id, false).await;
+    assert_eq!(c.subscribe(1, &[(topic, 2)]).await, vec![2]);
+    sub.conn = Some(c);
+    let (mut publ, _) = Raw::connect(port, pub_id, false).await;
+
+    // Every publisher fate with every subscriber fate, twice (packet ids differ the second time).
+    let n = 2 * PUB_FATES.len() * SUB_FATES.len();
+    let mut resumed_with_publish = 0;
+    for k in 0..n {
+        let pub_fate = PUB_FATES[k % PUB_FATES.len()];
+        let sub_fate = SUB_FATES[(k / PUB_FATES.len()) % SUB_FATES.len()];
+        let pkid = k as u16 + 1;
+        let payload = format!("m{k}");
+        let msg = raw::publish(topic, 2, false, false, pkid, payload.as_bytes());
+        publ.send(&msg).await;
+        match pub_fate {
+            PubFate::Completes => assert_eq!(publ.recv().await, Pkt::PubRec(pkid)),
+            PubFate::KilledAfterPubrec => {
+                assert_eq!(publ.recv().await, Pkt::PubRec(pkid));
+                publ.reset();
+                let (p, sp) = Raw::connect(port, pub_id, false).await;
+                assert!(sp, "publisher session present after a kill");
+                publ = p;
+            }
+            PubFate::KilledAfterPublish => {
+                publ.reset();
+                let (p, sp) = Raw::connect(port, pub_id, false).await;
+                assert!(sp, "publisher session present after a kill");
+                publ = p;
+                // The publisher cannot know whether the broker got it: it sends it again.
+                publ.send(&raw::publish(topic, 2, false, true, pkid, payload.as_bytes())).await;
+                assert_eq!(publ.recv().await, Pkt::PubRec(pkid));
+            }
+        }
+        publ.send(&raw::pubrel(pkid)).await;
+        assert_eq!(publ.recv().await, Pkt::PubComp(pkid), "message {k} ({pub_fate:?})");
+        if sub.receive(sub_fate).await {
+            resumed_with_publish += 1;
+        }
+        let want: Vec<Vec<u8>> = (0..=k).map(|j| format!("m{j}").into_bytes()).collect();
+        assert_eq!(
+            sub.delivered, want,
+            "after message {k} ({pub_fate:?}, {sub_fate:?}): exactly once, in order"
+        );
+        assert!(sub.unreleased.is_empty());
+    }
+    // Nothing else is pending for either side.
+    sub.conn().expect_silence().await;
+    publ.expect_silence().await;
+    eprintln!(
+        "q2kill/{}: {n} messages exactly once; {resumed_with_publish} kills after PUBREC were resumed with \
+         the PUBLISH (the reset beat the PUBREC)",
+        b.as_str()
+    );
+    publ.disconnect().await;
+    sub.conn.take().expect("connected").disconnect().await;
+    let settled = load::settle(pid, base, SETTLE).await;
+    eprintln!("q2kill/{}: baseline {base:?}, settled {settled:?}", b.as_str());
+    load::healthy_roundtrip(port, "q2kill").await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A subscriber that stops reading under a QoS 1 flood
+// ---------------------------------------------------------------------------------------------
+
+async fn stalled_subscriber_under_flood(b: Backend) {
+    const FLOOD: usize = 20_000;
+    const PAYLOAD: usize = 1024;
+    /// Broker defaults (`max_inflight`, `max_queued_messages`).
+    const INFLIGHT: usize = 20;
+    const QUEUED: usize = 1000;
+    // A flood next to a 10k-connection test would measure the other test's load.
+    let _heavy = load::heavy().await;
+    let broker = Broker::start(b);
+    let (port, pid) = (broker.port, broker.pid());
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+
+    // The stalled subscriber: persistent, QoS 1, a tiny receive buffer, and it never reads.
+    let stalled_id = id_on_core("stall-sub", 1);
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut stalled = timeout(WAIT, sock.connect(addr)).await.expect("connect timed out").expect("connect");
+    load::send(&mut stalled, &Connect::new(&stalled_id, false).encode()).await.expect("CONNECT");
+    assert_eq!(load::read_packet(&mut stalled, WAIT).await.expect("CONNACK"), (0x20, vec![0, 0]));
+    load::send(&mut stalled, &raw::subscribe(1, &[("flood/t", 1)])).await.expect("SUBSCRIBE");
+    assert_eq!(load::read_packet(&mut stalled, WAIT).await.expect("SUBACK"), (0x90, vec![0, 1, 1]));
+
+    // Lives on the stalled subscriber's core: once it has the marker published after the flood,
+    // that core has handled every flood message before it (one ordered ring per pair of cores).
+    let mut marker = client(port, &id_on_core("stall-mark", 1)).await;
+    marker.subscribe("flood/marker", qos(1)).await;
+    let chatter = Chatter::start(port, "stall").await;
+    let base = load::usage(pid);
+
+    let flood = load::tcp(port).await.expect("flood TCP");
+    let (mut rd, mut wr) = flood.into_split();
+    wr.write_all(&Connect::new("flood-pub", true).encode()).await.expect("CONNECT");
+    let mut connack = [0u8; 4];
+    timeout(WAIT, rd.read_exact(&mut connack)).await.expect("CONNACK timed out").expect("CONNACK");
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+
+    let done = Arc::new(AtomicBool::new(false));
+    let sampler = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut peak = 0;
+            while !done.load(Ordering::Relaxed) {
+                peak = load::usage(pid).rss_kb.max(peak);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peak
+        }
+    });
+    let t0 = Instant::now();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(64 * 1024 + 2 * PAYLOAD);
+        for i in 0..FLOOD {
+            let mut payload = vec![0u8; PAYLOAD];
+            payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            buf.extend_from_slice(&raw::publish("flood/t", 1, false, false, i as u16 + 1, &payload));
+            if buf.len() >= 64 * 1024 || i + 1 == FLOOD {
+                wr.write_all(&buf).await.expect("flood write");
+                buf.clear();
+            }
+        }
+        wr
+    });
+    // PUBACKs come back in order, one per PUBLISH.
+    let acks = async {
+        let mut got = Vec::new();
+        let mut next = 1u16;
+        let mut chunk = vec![0u8; 64 * 1024];
+        while (next as usize) <= FLOOD {
+            let n = rd.read(&mut chunk).await.expect("flood read");
+            assert!(n > 0, "broker closed the flooding publisher after {} PUBACKs", next - 1);
+            got.extend_from_slice(&chunk[..n]);
+            let whole = got.len() / 4 * 4;
+            for ack in got[..whole].chunks(4) {
+                assert_eq!(ack, [0x40, 2, (next >> 8) as u8, next as u8], "PUBACK {next}");
+                next += 1;
+            }
+            got.drain(..whole);
+        }
+    };
+    timeout(Duration::from_secs(30), acks).await.expect("20,000 PUBACKs within 30 s");
+    let mut wr = timeout(WAIT, writer).await.expect("writer done").expect("writer task");
+    let flood_time = t0.elapsed();
+    wr.write_all(&raw::publish("flood/marker", 1, false, false, 1, b"end")).await.expect("marker");
+    let mut ack = [0u8; 4];
+    timeout(WAIT, rd.read_exact(&mut ack)).await.expect("marker PUBACK timed out").expect("marker PUBACK");
+    assert_eq!(ack, [0x40, 2, 0, 1]);
+    assert_eq!(&marker.recv().await.payload[..], b"end");
+    done.store(true, Ordering::Relaxed);
+    let peak = timeout(WAIT, sampler).await.expect("sampler stops").expect("sampler task");
+    let chat = chatter.finish().await;
+    eprintln!(
+        "stall/{}: {FLOOD} x {PAYLOAD} B QoS 1 acknowledged in {flood_time:?}; broker RSS baseline {} KiB, \
+         peak {peak} KiB; healthy pair: {} round trips, p50 {:?}, p99 {:?}, max {:?}",
+        b.as_str(),
+        base.rss_kb,
+        chat.sent,
+        chat.quantile(0.5),
+        chat.quantile(0.99),
+        chat.max()
+    );
+    assert!(peak < 300 * 1024, "broker RSS peaked at {peak} KiB during the flood");
+    assert!(chat.sent >= 10, "the healthy pair kept exchanging during the flood: {}", chat.sent);
+    assert!(chat.max() < Duration::from_secs(1), "healthy round trip took {:?} during the flood", chat.max());
+
+    // The subscriber comes back on a new connection and gets what was kept, oldest first.
+    drop(stalled);
+    drop((rd, wr));
+    let (mut c, sp) = Raw::connect(port, &stalled_id, false).await;
+    assert!(sp, "persistent session present");
+    let mut seqs = Vec::new();
+    loop {
+        match c.try_recv(2 * SILENCE).await {
+            Recv::Packet(Pkt::Publish(m)) => {
+                let seq = u32::from_be_bytes(m.payload[..4].try_into().expect("4 bytes")) as usize;
+                assert_eq!(m.payload.len(), PAYLOAD);
+                assert_eq!(m.dup, seq < INFLIGHT, "DUP exactly on the re-sent in-flight messages: {seq}");
+                seqs.push(seq);
+                c.send(&raw::puback(m.pkid)).await;
+            }
+            Recv::Packet(other) => panic!("expected PUBLISH, got {other:?}"),
+            Recv::Closed => panic!("broker closed the resumed subscriber"),
+            Recv::Timeout => break,
+        }
+    }
+    assert!(!seqs.is_empty(), "the resumed subscriber got its queued messages");
+    let want: Vec<usize> = (0..seqs.len()).collect();
+    assert!(
+        seqs == want,
+        "in order, no gaps, oldest kept: got {} messages, {:?}...",
+        seqs.len(),
+        &seqs[..seqs.len().min(40)]
+    );
+    c.disconnect().await;
+    marker.disconnect().await;
+    let settled = load::settle(pid, base, SETTLE).await;
+    eprintln!("stall/{}: resumed subscriber got {} messages; settled {settled:?}", b.as_str(), seqs.len());
+    load::healthy_roundtrip(port, "stall").await;
+    if !use_mosquitto() {
+        assert_eq!(seqs.len(), INFLIGHT + QUEUED, "the in-flight window plus the full queue");
+        let st = broker.stop();
+        print_report("stall", &st.stdout);
+        assert!(st.status.success(), "{st:?}");
+        let all = all_stats(&st.stdout);
+        assert_eq!(all.messages_in, (FLOOD + 1) as u64 + chat.sent + 1, "flood, marker, healthy traffic");
+        assert!(all.dropped > 0, "messages beyond the queue were dropped and counted");
+        assert_eq!(
+            all.dropped,
+            (FLOOD - seqs.len()) as u64,
+            "every flood message delivered or counted as dropped"
+        );
+    }
+}
