@@ -21,6 +21,8 @@ backend_tests!(
     keep_alive_expiry_closes_and_publishes_will,
     pingreq_gets_pingresp,
     oversized_packet_closes_connection,
+    connack_precedes_close_when_violation_shares_the_write,
+    non_connect_first_byte_closed_at_once,
 );
 
 async fn v311_accepted(b: Backend) {
@@ -192,4 +194,36 @@ async fn oversized_packet_closes_connection(b: Backend) {
     r.send_lossy(&raw::publish("big/no", 0, false, false, 0, &[7u8; 2000])).await;
     r.expect_closed(WAIT).await;
     watch.expect_nothing().await;
+}
+
+/// A CONNECT followed, in the same write, by a protocol violation: the client still gets its CONNACK
+/// (the session was accepted) before the broker closes the connection, as mosquitto does.
+async fn connack_precedes_close_when_violation_shares_the_write(b: Backend) {
+    let broker = Broker::start(b);
+    for (i, tail) in [&[0x00u8, 0x00][..], &[0xf0, 0x00][..], &Connect::new("again", true).encode()[..]]
+        .into_iter()
+        .enumerate()
+    {
+        let mut r = Raw::tcp(broker.port).await;
+        let mut bytes = Connect::new(&format!("same-write-{i}"), true).encode();
+        bytes.extend_from_slice(tail);
+        r.send(&bytes).await;
+        let got = r.expect_closed(WAIT).await;
+        assert_eq!(
+            got.first(),
+            Some(&Pkt::ConnAck { session_present: false, code: 0 }),
+            "tail {tail:02x?}: CONNACK first, then close; got {got:?}"
+        );
+    }
+}
+
+/// A first packet that is not a CONNECT is refused on its first byte, without waiting for the rest of
+/// a (here: 1 MB) packet.
+async fn non_connect_first_byte_closed_at_once(b: Backend) {
+    let broker = Broker::start(b);
+    let mut r = Raw::tcp(broker.port).await;
+    r.send(&[0x30, 0xc0, 0x84, 0x3d, b'x']).await;
+    let started = Instant::now();
+    assert!(r.expect_closed(WAIT).await.is_empty(), "nothing is answered");
+    assert!(started.elapsed() < Duration::from_secs(1), "closed at once, not after connect_timeout");
 }

@@ -58,6 +58,9 @@ pub struct ConnCtl {
     closing: Cell<bool>,
     /// Already in the core's dirty list for this tick.
     dirty: Cell<bool>,
+    /// The writer has flushed what it could and stopped; `writer_done` wakes whoever waits for that.
+    writer_finished: Cell<bool>,
+    pub writer_done: Notify,
 }
 
 impl ConnCtl {
@@ -68,6 +71,8 @@ impl ConnCtl {
             wake: Notify::new(),
             closing: Cell::new(false),
             dirty: Cell::new(false),
+            writer_finished: Cell::new(false),
+            writer_done: Notify::new(),
         }
     }
 
@@ -79,6 +84,16 @@ impl ConnCtl {
     pub fn close(&self) {
         self.closing.set(true);
         self.wake.notify_one();
+    }
+
+    /// Called by the writer when it stops.
+    pub fn set_writer_finished(&self) {
+        self.writer_finished.set(true);
+        self.writer_done.notify_one();
+    }
+
+    pub fn writer_finished(&self) -> bool {
+        self.writer_finished.get()
     }
 
     /// Closes at once (takeover, keep-alive expiry, shutdown): the socket is shut down so that the
@@ -267,7 +282,7 @@ impl Core {
             // both happen inside this one borrow, so no delivery can reach both.
             if let Some(old) = self.sessions.get_mut(skey).and_then(|s| s.conn.take()) {
                 self.stats.count_closed("session taken over");
-                self.close_conn(old, false);
+                self.close_conn(old, false, true);
             }
             if clean_session || self.sessions.get(skey).is_some_and(|s| s.session.clean) {
                 self.end_session(skey);
@@ -583,20 +598,27 @@ impl Core {
         }
     }
 
-    /// The connection's reader ended. `graceful`: DISCONNECT was received (no will).
+    /// The connection's reader ended. `graceful`: DISCONNECT was received (no will). What is queued for
+    /// the client (a CONNACK before a protocol error, say) is still written before the socket closes.
     pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool) {
         if self.is_current(key, ctl) {
-            self.close_conn(key, graceful);
+            self.close_conn(key, graceful, false);
         }
     }
 
     /// Detaches and closes a connection: publishes its will unless `graceful`, ends a clean session.
-    fn close_conn(&mut self, key: usize, graceful: bool) {
+    /// `kick` shuts the socket down at once (its reader is still blocked on it); otherwise the writer
+    /// flushes the outbox first.
+    fn close_conn(&mut self, key: usize, graceful: bool, kick: bool) {
         if !self.conns.contains(key) {
             return;
         }
         let entry = self.conns.remove(key);
-        entry.ctl.kick();
+        if kick {
+            entry.ctl.kick();
+        } else {
+            entry.ctl.close();
+        }
         if let Some(skey) = entry.session {
             let attached = self.sessions.get(skey).is_some_and(|s| s.conn == Some(key));
             if attached {
@@ -637,7 +659,7 @@ impl Core {
             } else {
                 self.stats.count_refused("no CONNECT within connect_timeout");
             }
-            self.close_conn(key, false);
+            self.close_conn(key, false, true);
         }
     }
 

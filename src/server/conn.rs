@@ -20,6 +20,13 @@ use crate::xcore::{ConnPermit, XMsg};
 /// [`READ_BUF_MAX`].
 const READ_BUF_INITIAL: usize = 256;
 const READ_BUF_MAX: usize = 64 * 1024;
+/// How long a closing connection's writer may take to flush before the socket is shut down anyway.
+const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The largest CONNECT 3.1.1 allows (fixed header, variable header, five 16-bit-length fields): a
+/// connection that has not sent CONNECT yet cannot make the broker buffer more than this.
+const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535);
+
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
 const MIN_SPARE: usize = 256;
 
@@ -44,7 +51,7 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool, permit:
     let conn = Rc::new(conn);
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register(ctl.clone());
-    let max_packet = core.borrow().settings().max_packet_size;
+    let max_packet = core.borrow().settings().max_packet_size.min(MAX_CONNECT_SIZE);
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
     let connect = loop {
         prepare_read(&mut buf, READ_BUF_INITIAL, max_packet);
@@ -56,6 +63,11 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool, permit:
         }
         if !matches!(res, Ok(n) if n > 0) {
             return refuse(&core, key, &ctl, &conn, None, Some("closed before CONNECT")).await;
+        }
+        // MQTT-3.1.0-1: anything but CONNECT first is refused as soon as its first byte is seen, not
+        // after buffering a whole (possibly huge) packet.
+        if buf.first().is_some_and(|&b| b != 0x10) {
+            return refuse(&core, key, &ctl, &conn, None, Some("first packet not CONNECT")).await;
         }
         match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
             Ok(Some(Packet::Connect(c))) => break c,
@@ -258,6 +270,12 @@ async fn established(
     }
     schedule_tick(&core);
     ctl.close();
+    // Let the writer flush what is queued (e.g. the CONNACK that preceded a protocol error), but not
+    // forever: a peer that does not read must not keep the socket. Shutting down ends a stuck write.
+    if !ctl.writer_finished() {
+        let _ = tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done.notified()).await;
+    }
+    conn.shutdown();
 }
 
 /// Writes the connection's outbox: everything queued since the last write goes out in one vectored
@@ -292,6 +310,7 @@ async fn writer(core: CoreRef, ctl: Rc<ConnCtl>, conn: Rc<Conn>, version: Protoc
             }
         }
     }
+    ctl.set_writer_finished();
     conn.shutdown();
 }
 

@@ -78,12 +78,13 @@ pub fn rss_limit_kb(base: Usage) -> u64 {
 }
 
 /// Waits (≤ `within`) until the broker has closed the test's connections (descriptors back to
-/// `base` + `FD_SLACK`) and its RSS is within `rss_limit_kb(base)`; returns that snapshot.
-pub async fn settle(pid: u32, base: Usage, within: Duration) -> Usage {
+/// `base` + `FD_SLACK`) and its RSS is at most `rss_limit_kb` (usually [`rss_limit_kb`] of `base`);
+/// returns that snapshot.
+pub async fn settle(pid: u32, base: Usage, rss_limit_kb: u64, within: Duration) -> Usage {
     let deadline = Instant::now() + within;
     loop {
         let now = usage(pid);
-        if now.fds <= base.fds + FD_SLACK && now.rss_kb <= rss_limit_kb(base) {
+        if now.fds <= base.fds + FD_SLACK && now.rss_kb <= rss_limit_kb {
             return now;
         }
         if Instant::now() > deadline {
@@ -91,7 +92,7 @@ pub async fn settle(pid: u32, base: Usage, within: Duration) -> Usage {
                 "broker did not settle within {within:?}: {now:?} vs baseline {base:?} \
                  (limits: fds <= {}, rss <= {} KiB)",
                 base.fds + FD_SLACK,
-                rss_limit_kb(base)
+                rss_limit_kb
             );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
