@@ -62,6 +62,7 @@ fi
 # -malloc_limit_mb: any single allocation over 64 MiB is a bug here (the decoder must never size a
 # buffer from a length field before the bytes arrive); it needs a sanitizer's allocator hooks, so with
 # -s none only the RSS limit applies. -max_len: packets and sessions that matter fit in 4 KiB.
+# -dict: MQTT tokens (protocol names, headers, wildcards, broken UTF-8) for the mutator to splice in.
 libfuzzer_args=(
   -max_total_time="$seconds"
   -malloc_limit_mb=64
@@ -69,6 +70,7 @@ libfuzzer_args=(
   -max_len=4096
   -timeout=10
   -print_final_stats=1
+  -dict=fuzz/mqtt.dict
 )
 
 failed=0

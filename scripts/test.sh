@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the test dependencies a fresh Debian machine lacks (mosquitto-clients, mosquitto for the
-# reference runs, paho-mqtt, pytest), then runs every check: format, lints, unit and property tests,
-# integration tests against the real broker binary on both backends, and the paho-mqtt tests.
+# reference runs, paho-mqtt, pytest, cargo-fuzz), then runs every check: format, lints, unit and
+# property tests, integration tests against the real broker binary on both backends, a short fuzzing
+# run of each cargo-fuzz target, and the paho-mqtt tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +27,9 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --release -- -D warnings
 echo "== cargo test (unit, property and integration tests)"
 cargo test --workspace --release
+echo "== fuzzing: decoder and connection state machine, 20 s each (scripts/fuzz.sh 3600 for a long run)"
+bash scripts/fuzz.sh 20
+
 for backend in uring epoll; do
   echo "== paho-mqtt tests ($backend backend)"
   COREMQ_BIN="$PWD/target/release/coremq" COREMQ_BACKEND=$backend python3 -m pytest -q tests/python
