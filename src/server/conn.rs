@@ -273,7 +273,8 @@ async fn established(
     // Let the writer flush what is queued (e.g. the CONNACK that preceded a protocol error), but not
     // forever: a peer that does not read must not keep the socket. Shutting down ends a stuck write.
     if !ctl.writer_finished() {
-        let _ = tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done.notified()).await;
+        // Boxed: a timer is large, and inline it would enlarge every idle connection's task.
+        let _ = Box::pin(tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done.notified())).await;
     }
     conn.shutdown();
 }
