@@ -21,8 +21,8 @@ use tokio::sync::Notify;
 
 use crate::io::Conn;
 use crate::protocol::{
-    self, ConnAck, Connect, ConnectReturnCode, Packet, ProtocolVersion, Publish, QoS, SubAck, SubAckCode,
-    Subscribe, Unsubscribe, Utf8Bytes, Will,
+    self, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS, SubAck, SubAckCode, Subscribe,
+    Unsubscribe, Utf8Bytes, Will,
 };
 use crate::session::{Delivered, Limits, Message, OutFrame, Outbox, Session};
 use crate::stats::Stats;
@@ -114,7 +114,6 @@ struct ConnEntry {
     timeout: Option<Duration>,
     session: Option<usize>,
     will: Option<Will>,
-    version: ProtocolVersion,
 }
 
 struct SessionEntry {
@@ -238,7 +237,6 @@ impl Core {
             timeout: Some(self.settings.connect_timeout),
             session: None,
             will: None,
-            version: ProtocolVersion::V3_1_1,
         })
     }
 
@@ -261,10 +259,6 @@ impl Core {
         key
     }
 
-    pub fn version(&self, key: usize) -> ProtocolVersion {
-        self.conns.get(key).map_or(ProtocolVersion::V3_1_1, |c| c.version)
-    }
-
     /// Something arrived on the connection: keep-alive restarts.
     pub fn touch(&mut self, key: usize, now: Instant) {
         if let Some(c) = self.conns.get_mut(key) {
@@ -275,7 +269,7 @@ impl Core {
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
     pub fn connect(&mut self, key: usize, c: Connect) {
-        let Connect { protocol, clean_session, keep_alive, client_id, will, .. } = c;
+        let Connect { clean_session, keep_alive, client_id, will, .. } = c;
         let mut session_present = false;
         if let Some(&skey) = self.by_client.get(&client_id) {
             // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
@@ -302,7 +296,6 @@ impl Core {
         let Some(entry) = self.conns.get_mut(key) else { return };
         entry.session = Some(skey);
         entry.will = will;
-        entry.version = protocol;
         entry.timeout = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let ctl = entry.ctl.clone();
         let Some(se) = self.sessions.get_mut(skey) else { return };
@@ -719,10 +712,6 @@ impl Core {
             c.ctl.kick();
         }
         self.conns.clear();
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
     }
 }
 
