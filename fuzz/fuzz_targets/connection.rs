@@ -23,11 +23,11 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use coremq::core::{check_connect, home_core, ConnCtl, Core, Flow, Settings};
 use coremq::protocol::{
-    decode, encode, encode_publish_head, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet,
-    ProtocolVersion, QoS, Utf8Bytes,
+    decode, encode, encode_publish_head, ConnAck, ConnectReturnCode, DecodeError, Packet, ProtocolVersion,
+    QoS,
 };
 use coremq::session::{Limits, OutFrame};
 use coremq::topic::valid_topic_name;
@@ -256,7 +256,7 @@ impl Harness {
             let ctl = Rc::new(ConnCtl::new(None));
             (self.cores[home].register_handoff(ctl.clone()), ctl)
         };
-        detach_strings(&mut connect);
+        connect.detach();
         let version = connect.protocol;
         trace!("client {slot} -> {connect:?} (core {core}, home {home})");
         self.cores[home].connect(key, *connect);
@@ -331,18 +331,6 @@ impl Harness {
             core.end_batch();
         }
         self.settle();
-    }
-}
-
-/// `established` gives the session its own copies of the CONNECT's strings; do the same so that the
-/// core sees the same kind of values.
-fn detach_strings(c: &mut Connect) {
-    c.client_id = Utf8Bytes::copy_from_str(c.client_id.as_str());
-    c.username = None;
-    c.password = None;
-    if let Some(w) = &mut c.will {
-        w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());
-        w.payload = Bytes::copy_from_slice(&w.payload);
     }
 }
 

@@ -118,6 +118,21 @@ pub struct Connect {
     pub password: Option<Bytes>,
 }
 
+impl Connect {
+    /// Gives the fields kept after CONNECT (client id, will) allocations of their own and drops the
+    /// credentials. Decoded strings are slices of the read buffer; a session keeps its client id for
+    /// its whole life and must not pin that buffer.
+    pub fn detach(&mut self) {
+        self.client_id = Utf8Bytes::copy_from_str(self.client_id.as_str());
+        self.username = None;
+        self.password = None;
+        if let Some(w) = &mut self.will {
+            w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());
+            w.payload = Bytes::copy_from_slice(&w.payload);
+        }
+    }
+}
+
 /// CONNACK return codes of MQTT 3.1/3.1.1 (MQTT-3.2.2.3).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConnectReturnCode {

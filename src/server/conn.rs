@@ -9,9 +9,7 @@ use bytes::{Bytes, BytesMut};
 use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
 use crate::core::{check_connect, home_core, ConnCtl, Flow};
 use crate::io::{self, Conn};
-use crate::protocol::{
-    self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion, Utf8Bytes,
-};
+use crate::protocol::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion};
 use crate::session::{OutFrame, Outbox};
 use crate::xcore::{ConnPermit, XMsg};
 
@@ -154,16 +152,6 @@ pub async fn serve_handoff(
     established(core, key, ctl, conn, connect, buf, permit).await
 }
 
-fn detach_strings(c: &mut Connect) {
-    c.client_id = Utf8Bytes::copy_from_str(c.client_id.as_str());
-    c.username = None;
-    c.password = None;
-    if let Some(w) = &mut c.will {
-        w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());
-        w.payload = Bytes::copy_from_slice(&w.payload);
-    }
-}
-
 /// Closes a connection that never got a session, after sending CONNACK `code` if given, and counts it
 /// under `reason` (None: already counted).
 async fn refuse(
@@ -206,7 +194,7 @@ async fn established(
 ) {
     // The CONNECT's strings are slices of the first read buffer; the session keeps them for its whole
     // life, so give them their own small allocations instead of pinning that buffer.
-    detach_strings(&mut connect);
+    connect.detach();
     let version = connect.protocol;
     let max_packet = {
         let mut c = core.borrow_mut();
