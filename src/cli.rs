@@ -53,6 +53,10 @@ pub struct Cli {
     /// Largest packet accepted, in bytes; a larger one closes the connection [default: 1048576]
     #[arg(long, value_name = "N")]
     pub max_packet_size: Option<u64>,
+    /// A full queue of an online subscriber: "pause" QoS 1/2 publishers (nothing acknowledged is
+    /// dropped) or "drop" the newest, as mosquitto does [default: pause]
+    #[arg(long, value_name = "POLICY")]
+    pub slow_subscriber: Option<String>,
     /// Packets waiting to be written to one online client; QoS 0 beyond it is dropped [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_outbox_messages: Option<u64>,

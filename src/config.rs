@@ -83,6 +83,33 @@ impl BackendChoice {
     }
 }
 
+/// What a full queue of an online subscriber does (`slow_subscriber`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowSubscriberChoice {
+    /// Publishers of matching QoS 1/2 messages wait, unacknowledged, until the queue drains to half.
+    Pause,
+    /// The newest messages are dropped and counted, as in mosquitto.
+    Drop,
+}
+
+impl SlowSubscriberChoice {
+    /// The name used in the config file and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowSubscriberChoice::Pause => "pause",
+            SlowSubscriberChoice::Drop => "drop",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "pause" => Ok(SlowSubscriberChoice::Pause),
+            "drop" => Ok(SlowSubscriberChoice::Drop),
+            _ => Err(format!("\"{s}\" is not one of \"pause\", \"drop\"")),
+        }
+    }
+}
+
 /// One listening address; every core binds it with `SO_REUSEPORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -127,6 +154,9 @@ pub struct Config {
     pub max_packet_size: usize,
     /// Whether QoS 0 messages are queued for offline persistent sessions. Default false (mosquitto).
     pub queue_qos0_messages: bool,
+    /// What happens when an online subscriber's queue is full. Default `Pause` (nothing acknowledged is
+    /// dropped); `Drop` is mosquitto's behaviour.
+    pub slow_subscriber: SlowSubscriberChoice,
     /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
     pub max_keepalive: u16,
     /// Packets waiting to be written to one online client, at least 1; QoS 0 messages beyond it are
@@ -234,6 +264,7 @@ struct Layer {
     max_queued_bytes: Option<usize>,
     max_packet_size: Option<usize>,
     queue_qos0_messages: Option<bool>,
+    slow_subscriber: Option<SlowSubscriberChoice>,
     max_keepalive: Option<u16>,
     ring_capacity: Option<usize>,
     max_outbox_messages: Option<usize>,
@@ -257,6 +288,7 @@ struct RawFile {
     max_queued_bytes: Option<Spanned<Value>>,
     max_packet_size: Option<Spanned<Value>>,
     queue_qos0_messages: Option<Spanned<Value>>,
+    slow_subscriber: Option<Spanned<Value>>,
     max_keepalive: Option<Spanned<Value>>,
     ring_capacity: Option<Spanned<Value>>,
     max_outbox_messages: Option<Spanned<Value>>,
@@ -514,6 +546,10 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
     if let Some(v) = &raw.queue_qos0_messages {
         layer.queue_qos0_messages = Some(ctx.bool("queue_qos0_messages", v)?);
     }
+    if let Some(v) = &raw.slow_subscriber {
+        let (s, origin) = ctx.string("slow_subscriber", v)?;
+        layer.slow_subscriber = Some(SlowSubscriberChoice::parse(s).map_err(|m| origin.error(m))?);
+    }
     if let Some(v) = &raw.max_keepalive {
         let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
         layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
@@ -592,6 +628,10 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
     }
     if let Some(s) = &cli.backend {
         layer.backend = Some(BackendChoice::parse(s).map_err(|m| Origin::Flag("--backend").error(m))?);
+    }
+    if let Some(s) = &cli.slow_subscriber {
+        layer.slow_subscriber =
+            Some(SlowSubscriberChoice::parse(s).map_err(|m| Origin::Flag("--slow-subscriber").error(m))?);
     }
     if !cli.listen.is_empty() {
         let origin = Origin::Flag("--listen");
@@ -711,6 +751,7 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_queued_bytes: layer.max_queued_bytes.unwrap_or(DEFAULT_MAX_QUEUED_BYTES),
         max_packet_size: layer.max_packet_size.unwrap_or(DEFAULT_MAX_PACKET_SIZE),
         queue_qos0_messages: layer.queue_qos0_messages.unwrap_or(false),
+        slow_subscriber: layer.slow_subscriber.unwrap_or(SlowSubscriberChoice::Pause),
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
         ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
         max_outbox_messages: layer.max_outbox_messages.unwrap_or(DEFAULT_MAX_OUTBOX_MESSAGES),
@@ -766,6 +807,7 @@ mod tests {
         assert_eq!(c.max_queued_bytes, 64 * 1024 * 1024);
         assert_eq!(c.max_packet_size, 1_048_576);
         assert!(!c.queue_qos0_messages);
+        assert_eq!(c.slow_subscriber, SlowSubscriberChoice::Pause);
         assert_eq!(c.max_keepalive, 65535);
         assert_eq!(c.source, Some(PathBuf::from(PATH)));
     }
@@ -801,6 +843,7 @@ max_queued_messages = 7
 max_queued_bytes = 1
 max_packet_size = 268435460
 queue_qos0_messages = true
+slow_subscriber = "drop"
 max_keepalive = 0
 
 [[listener]]
@@ -825,6 +868,7 @@ bind = "localhost:1884"
         assert_eq!(c.max_queued_bytes, 1);
         assert_eq!(c.max_packet_size, MAX_PACKET_SIZE_LIMIT);
         assert!(c.queue_qos0_messages);
+        assert_eq!(c.slow_subscriber, SlowSubscriberChoice::Drop);
         assert_eq!(c.max_keepalive, 0);
         assert!(!c.default_listener);
         assert_eq!(
@@ -1042,6 +1086,10 @@ bind = "0.0.0.0:1883"
                 "backend = \"io_uring\"",
                 "key \"backend\": \"io_uring\" is not one of \"auto\", \"uring\", \"epoll\"",
             ),
+            (
+                "slow_subscriber = \"block\"",
+                "key \"slow_subscriber\": \"block\" is not one of \"pause\", \"drop\"",
+            ),
             ("cpus = \"3-1\"", "key \"cpus\": bad cpu list \"3-1\": range end before start"),
         ];
         for (text, want) in cases {
@@ -1094,7 +1142,7 @@ bind = "0.0.0.0:1883"
 
     #[test]
     fn flag_errors_name_the_flag() {
-        let cases: [(&[&str], &str); 11] = [
+        let cases: [(&[&str], &str); 12] = [
             (
                 &["--threads", "0"],
                 "--threads: must be between 1 and 64 (core ids are kept in a 64-bit mask), got 0",
@@ -1105,6 +1153,7 @@ bind = "0.0.0.0:1883"
             ),
             (&["--cpus", "x"], "--cpus: bad cpu list \"x\": \"x\" is not a cpu number"),
             (&["--backend", "kqueue"], "--backend: \"kqueue\" is not one of \"auto\", \"uring\", \"epoll\""),
+            (&["--slow-subscriber", "x"], "--slow-subscriber: \"x\" is not one of \"pause\", \"drop\""),
             (
                 &["--connect-timeout", "0"],
                 "--connect-timeout: must be more than 0 and at most 86400 seconds, got 0",

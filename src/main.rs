@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::Parser as _;
 
 use coremq::cli::Cli;
-use coremq::config::{self, BackendChoice, Config};
-use coremq::core::Settings;
+use coremq::config::{self, BackendChoice, Config, SlowSubscriberChoice};
+use coremq::core::{Settings, SlowSubscriber};
 use coremq::io::{self, Backend};
 use coremq::server::{self, CoreSetup, SHUTDOWN};
 use coremq::session::Limits;
@@ -92,6 +92,18 @@ fn settings(cfg: &Config) -> Settings {
             max_inflight: cfg.max_inflight,
             max_queued_messages: cfg.max_queued_messages,
             max_queued_bytes: cfg.max_queued_bytes,
+            // Pause policy: what is already in the rings when publishers are told to wait (at most a
+            // ring per source core) still fits, and as much again for retained messages on subscribe.
+            overflow_messages: match cfg.slow_subscriber {
+                SlowSubscriberChoice::Pause => {
+                    cfg.max_queued_messages.saturating_add(cfg.ring_capacity.saturating_mul(cfg.threads))
+                }
+                SlowSubscriberChoice::Drop => 0,
+            },
+            overflow_bytes: match cfg.slow_subscriber {
+                SlowSubscriberChoice::Pause => cfg.max_queued_bytes,
+                SlowSubscriberChoice::Drop => 0,
+            },
         },
         max_packet_size: cfg.max_packet_size,
         connect_timeout: cfg.connect_timeout,
@@ -100,6 +112,10 @@ fn settings(cfg: &Config) -> Settings {
         max_subscriptions_per_client: cfg.max_subscriptions_per_client,
         max_topic_levels: cfg.max_topic_levels,
         max_client_id_len: cfg.max_client_id_len,
+        slow_subscriber: match cfg.slow_subscriber {
+            SlowSubscriberChoice::Pause => SlowSubscriber::Pause,
+            SlowSubscriberChoice::Drop => SlowSubscriber::Drop,
+        },
     }
 }
 

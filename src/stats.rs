@@ -24,6 +24,8 @@ pub struct Stats {
     pub dropped: u64,
     /// Batches whose cross-core messages did not all fit a ring: each one paused this core's readers.
     pub ring_stalls: u64,
+    /// QoS 1/2 PUBLISHes held unacknowledged because a matching subscriber's queue was full.
+    pub held: u64,
     /// Connections refused before a session, by reason (the CONNACK code's meaning, or why none was sent).
     pub refused: BTreeMap<&'static str, u64>,
     /// Established connections the broker closed, by reason (protocol errors, keep-alive, takeover).
@@ -45,6 +47,7 @@ impl Stats {
             msgs_out: 0,
             dropped: 0,
             ring_stalls: 0,
+            held: 0,
             refused: BTreeMap::new(),
             closed: BTreeMap::new(),
             // 3 significant figures over 1 µs .. 60 s: ~100 KB per core, allocated once.
@@ -75,6 +78,7 @@ impl Stats {
         self.msgs_out += other.msgs_out;
         self.dropped += other.dropped;
         self.ring_stalls += other.ring_stalls;
+        self.held += other.held;
         for (k, v) in &other.refused {
             *self.refused.entry(k).or_default() += v;
         }
@@ -90,8 +94,8 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}",
-            self.connections, self.msgs_in, self.msgs_out, self.dropped, self.ring_stalls
+            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}, held {}",
+            self.connections, self.msgs_in, self.msgs_out, self.dropped, self.ring_stalls, self.held
         );
         let _ = writeln!(
             s,
@@ -130,7 +134,9 @@ mod tests {
         a.merge(&b);
         let r = a.render("all");
         assert!(
-            r.starts_with("all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0\n"),
+            r.starts_with(
+                "all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0, held 0\n"
+            ),
             "{r}"
         );
         assert!(r.contains("count 2 "), "{r}");

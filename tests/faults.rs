@@ -22,7 +22,9 @@ backend_tests!(
     half_connects_dropped,
     garbage_is_closed,
     qos2_flows_survive_kills,
-    stalled_subscriber_under_flood,
+    stalled_subscriber_drop_policy,
+    stalled_subscriber_pauses_the_publisher,
+    self_subscriber_flood_does_not_deadlock,
 );
 
 /// Connection attempts in flight at a time: well below the listen backlog (1024).
@@ -635,7 +637,9 @@ async fn qos2_flows_survive_kills(b: Backend) {
 // 5. A subscriber that stops reading under a QoS 1 flood
 // ---------------------------------------------------------------------------------------------
 
-async fn stalled_subscriber_under_flood(b: Backend) {
+/// `slow_subscriber = "drop"` (mosquitto's policy): the flood is acknowledged at full speed, the stalled
+/// subscriber keeps its window and a full queue, and the rest is dropped and counted.
+async fn stalled_subscriber_drop_policy(b: Backend) {
     const FLOOD: usize = 20_000;
     const PAYLOAD: usize = 1024;
     /// Broker defaults (`max_inflight`, `max_queued_messages`).
@@ -645,7 +649,9 @@ async fn stalled_subscriber_under_flood(b: Backend) {
     const PROBE_EVERY: usize = 1000;
     // A flood next to a 10k-connection test would measure the other test's load.
     let _heavy = load::heavy().await;
-    let broker = Broker::start(b);
+    let drop_policy =
+        Settings { extra_args: vec!["--slow-subscriber".into(), "drop".into()], ..Default::default() };
+    let broker = Broker::start_with(b, &drop_policy);
     let (port, pid) = (broker.port, broker.pid());
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
 
@@ -803,5 +809,212 @@ async fn stalled_subscriber_under_flood(b: Backend) {
             (FLOOD - seqs.len()) as u64,
             "every flood message delivered or counted as dropped"
         );
+    }
+}
+
+/// A persistent subscriber with a tiny receive buffer, subscribed to `topic` at QoS 1, that reads
+/// nothing until the test says so.
+async fn stalled_subscriber(port: u16, id: &str, topic: &str) -> TcpStream {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    sock.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let mut s = timeout(WAIT, sock.connect(addr)).await.expect("connect timed out").expect("connect");
+    load::send(&mut s, &Connect::new(id, false).encode()).await.expect("CONNECT");
+    assert_eq!(load::read_packet(&mut s, WAIT).await.expect("CONNACK"), (0x20, vec![0, 0]));
+    load::send(&mut s, &raw::subscribe(1, &[(topic, 1)])).await.expect("SUBSCRIBE");
+    assert_eq!(load::read_packet(&mut s, WAIT).await.expect("SUBACK"), (0x90, vec![0, 1, 1]));
+    s
+}
+
+/// The default `slow_subscriber = "pause"`: once the stalled subscriber's queue is full, the flooding
+/// publisher (on the other core) stops getting PUBACKs and is no longer read, while a healthy pair goes
+/// on; when the subscriber reads again, every acknowledged message reaches it, in order, and the
+/// publisher's flood completes. Nothing is dropped.
+async fn stalled_subscriber_pauses_the_publisher(b: Backend) {
+    const FLOOD: usize = 20_000;
+    const PAYLOAD: usize = 1024;
+    /// Broker defaults (`max_inflight`, `max_queued_messages`).
+    const INFLIGHT: usize = 20;
+    const QUEUED: usize = 1000;
+    if use_mosquitto() {
+        eprintln!("pause: mosquitto drops instead of pausing publishers; see stalled_subscriber_drop_policy");
+        return;
+    }
+    let _heavy = load::heavy().await;
+    let broker = Broker::start(b);
+    let (port, pid) = (broker.port, broker.pid());
+    let mut stalled = stalled_subscriber(port, &id_on_core("pause-sub", 1), "flood/t").await;
+    let mut probe_sub = client(port, &id_on_core("pause-probe-sub", 1)).await;
+    probe_sub.subscribe("probe/t", qos(1)).await;
+    let mut probe_pub = client(port, &id_on_core("pause-probe-pub", 0)).await;
+    let base = load::usage(pid);
+
+    let (flood, _) = load::mqtt_connect(port, Connect::new(&id_on_core("pause-pub", 0), true))
+        .await
+        .expect("flood CONNECT");
+    flood.set_nodelay(true).expect("nodelay");
+    let (mut rd, mut wr) = flood.into_split();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        for i in 0..FLOOD {
+            let mut payload = vec![0u8; PAYLOAD];
+            payload[..4].copy_from_slice(&(i as u32).to_be_bytes());
+            buf.extend_from_slice(&raw::publish(
+                "flood/t",
+                1,
+                false,
+                false,
+                (i % 65_535) as u16 + 1,
+                &payload,
+            ));
+            if (i + 1) % 500 == 0 || i + 1 == FLOOD {
+                wr.write_all(&buf).await.expect("flood write");
+                buf.clear();
+            }
+        }
+        wr
+    });
+    // PUBACKs come back in order, one per PUBLISH; `acked` is watched while the subscriber stalls.
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let acks = tokio::spawn({
+        let acked = acked.clone();
+        async move {
+            let mut got = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut n_acked = 0usize;
+            while n_acked < FLOOD {
+                let n = rd.read(&mut chunk).await.expect("flood read");
+                assert!(n > 0, "broker closed the flooding publisher after {n_acked} PUBACKs");
+                got.extend_from_slice(&chunk[..n]);
+                let whole = got.len() / 4 * 4;
+                for ack in got[..whole].chunks(4) {
+                    let id = (n_acked % 65_535) as u16 + 1;
+                    assert_eq!(ack, [0x40, 2, (id >> 8) as u8, id as u8], "PUBACK {n_acked}");
+                    n_acked += 1;
+                }
+                got.drain(..whole);
+                acked.store(n_acked, Ordering::Relaxed);
+            }
+            rd
+        }
+    });
+
+    // Phase 1: the subscriber reads nothing. PUBACKs stop once its queue is full (plus what was in
+    // transit); a healthy pair keeps its round trips meanwhile.
+    let t0 = Instant::now();
+    let mut latencies = Vec::new();
+    let mut peak_kb = 0;
+    let (mut last, mut still_since) = (0, Instant::now());
+    let plateau = loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "PUBACKs never stopped: {}",
+            acked.load(Ordering::Relaxed)
+        );
+        let t = Instant::now();
+        let n = latencies.len() as u32;
+        probe_pub.publish_nowait("probe/t", qos(1), false, n.to_be_bytes().to_vec()).await;
+        assert_eq!(probe_sub.recv().await.payload[..], n.to_be_bytes(), "probe {n}");
+        latencies.push(t.elapsed());
+        match probe_pub.next_packet().await {
+            rumqttc::Packet::PubAck(_) => {}
+            other => panic!("probe: expected PUBACK, got {other:?}"),
+        }
+        peak_kb = peak_kb.max(load::usage(pid).rss_kb);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = acked.load(Ordering::Relaxed);
+        if now != last {
+            (last, still_since) = (now, Instant::now());
+        } else if now >= INFLIGHT + QUEUED && still_since.elapsed() > Duration::from_millis(1500) {
+            break now;
+        }
+    };
+    latencies.sort_unstable();
+    let (p50, max) = (latencies[latencies.len() / 2], latencies[latencies.len() - 1]);
+    eprintln!(
+        "pause/{}: publisher paused after {plateau} PUBACKs ({:?}); RSS baseline {} KiB, peak {peak_kb} KiB; \
+         {} healthy round trips meanwhile: p50 {p50:?}, max {max:?}",
+        b.as_str(),
+        t0.elapsed(),
+        base.rss_kb,
+        latencies.len(),
+    );
+    assert!(plateau < FLOOD, "the flood was acknowledged in full while its subscriber read nothing");
+    assert!(peak_kb < 300 * 1024, "broker RSS peaked at {peak_kb} KiB");
+    assert!(
+        max < Duration::from_millis(500),
+        "healthy round trip took {max:?} while the publisher was paused"
+    );
+
+    // Phase 2: the subscriber reads and acknowledges: it gets all of the flood, in order, exactly once,
+    // and the publisher is released.
+    let t1 = Instant::now();
+    for i in 0..FLOOD {
+        let (first, body) =
+            load::read_packet(&mut stalled, WAIT).await.unwrap_or_else(|e| panic!("message {i}: {e}"));
+        assert_eq!(first, 0x32, "message {i}: a first-time QoS 1 PUBLISH");
+        let tlen = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        assert_eq!(&body[2..2 + tlen], b"flood/t");
+        let pkid = u16::from_be_bytes([body[2 + tlen], body[3 + tlen]]);
+        let payload = &body[4 + tlen..];
+        assert_eq!(payload.len(), PAYLOAD);
+        let seq = u32::from_be_bytes(payload[..4].try_into().expect("4 bytes")) as usize;
+        assert_eq!(seq, i, "in order, no gaps, no duplicates");
+        load::send(&mut stalled, &raw::puback(pkid)).await.expect("PUBACK");
+    }
+    let _rd =
+        timeout(WAIT, acks).await.expect("every PUBACK after the subscriber caught up").expect("acks task");
+    let _wr = timeout(WAIT, writer).await.expect("flood written").expect("writer task");
+    eprintln!("pause/{}: the subscriber caught up with {FLOOD} messages in {:?}", b.as_str(), t1.elapsed());
+    probe_pub.disconnect().await;
+    probe_sub.disconnect().await;
+    load::send(&mut stalled, &raw::disconnect()).await.expect("DISCONNECT");
+    load::healthy_roundtrip(port, "pause").await;
+    let st = broker.stop();
+    print_report("pause", &st.stdout);
+    assert!(st.status.success(), "{st:?}");
+    let all_line = st.stdout.lines().find(|l| l.starts_with("all:")).expect("all: line");
+    let held = common::stat_value(all_line, "held").expect("held counter");
+    assert!(held > 0, "the publisher was held: {all_line}");
+    assert_eq!(all_stats(&st.stdout).dropped, 0, "nothing dropped: {all_line}");
+}
+
+/// A client subscribed to what it publishes floods at QoS 1 with a queue of 10: its session congests
+/// and pauses itself as publisher, and the acknowledgements it keeps sending release it. It gets every
+/// message; nothing deadlocks or drops.
+async fn self_subscriber_flood_does_not_deadlock(b: Backend) {
+    const N: u32 = 5_000;
+    let s = Settings { max_queued_messages: Some(10), max_inflight: Some(5), ..Default::default() };
+    let broker = Broker::start_with(b, &s);
+    let port = broker.port;
+    let mut me = client(port, &id_on_core("self-sub", 1)).await;
+    me.subscribe("self/t", qos(1)).await;
+    // A second publisher on the other core floods the same topic, so that the congestion is announced
+    // across cores too.
+    let other = client(port, &id_on_core("self-other", 0)).await;
+    let (mine, theirs) = (me.client.clone(), other.client.clone());
+    let publish = tokio::spawn(async move {
+        for i in 0..N {
+            let c = if i % 2 == 0 { &mine } else { &theirs };
+            c.publish("self/t", qos(1), false, i.to_be_bytes().to_vec()).await.expect("queue PUBLISH");
+        }
+    });
+    // Per publisher, in order; every message exactly once.
+    let mut next = [0u32, 1];
+    for _ in 0..N {
+        let m = me.recv().await;
+        let i = u32::from_be_bytes(m.payload[..].try_into().expect("4 bytes"));
+        assert_eq!(i, next[(i % 2) as usize], "in order per publisher");
+        next[(i % 2) as usize] += 2;
+    }
+    timeout(WAIT, publish).await.expect("publishes queued").expect("publish task");
+    me.disconnect().await;
+    other.disconnect().await;
+    if !use_mosquitto() {
+        let st = broker.stop();
+        assert!(st.status.success(), "{st:?}");
+        let all_line = st.stdout.lines().find(|l| l.starts_with("all:")).expect("all: line");
+        eprintln!("self/{}: {all_line}", b.as_str());
+        assert_eq!(all_stats(&st.stdout).dropped, 0, "nothing dropped: {all_line}");
     }
 }

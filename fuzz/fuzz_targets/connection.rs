@@ -10,7 +10,7 @@
 //!
 //! Input layout (all of it is optional: a short input just ends early):
 //! - byte 0, the setup: bit 0: 2 or 3 clients; bit 1: 1 or 2 cores; bits 2–3: `max_packet_size`;
-//!   bit 4: `queue_qos0_messages`; bits 5–7: the session limits.
+//!   bit 4: `queue_qos0_messages`; bits 5–6: the session limits; bit 7: the `slow_subscriber` policy (pause or drop).
 //! - then chunks, each `[op, len, len bytes…]` (the last one may be short): `len` bytes that client
 //!   `op & 3` sends in one read. `op` bit 2: that client's TCP connection drops first (no DISCONNECT,
 //!   so its will fires); bits 3–4: the clock jumps forward (0, 1 s, 20 s, 20 min) and the keep-alive
@@ -24,7 +24,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use coremq::core::{check_connect, home_core, ConnCtl, Core, Flow, Settings};
+use coremq::core::{check_connect, home_core, ConnCtl, Core, Flow, Settings, SlowSubscriber};
 use coremq::protocol::{
     decode, encode, encode_publish_head, ConnAck, ConnectReturnCode, DecodeError, Packet, ProtocolVersion,
     QoS,
@@ -105,13 +105,21 @@ impl Harness {
         let clients = 2 + usize::from(setup & 1);
         let n_cores = 1 + usize::from((setup >> 1) & 1);
         let max_packet = MAX_PACKET_SIZES[usize::from((setup >> 2) & 3)];
-        let limits = match setup >> 5 {
+        // Bit 7: the pause policy (publishers held while a subscriber's queue is full) or drop.
+        let pause = setup & 0x80 != 0;
+        let (max_inflight, max_queued_messages, max_queued_bytes) = match (setup >> 5) & 3 {
             // Tiny: one message in flight, one queued, a few bytes; every bound is hit at once.
-            0 => Limits { max_inflight: 1, max_queued_messages: 1, max_queued_bytes: 8 },
-            1 => Limits { max_inflight: 2, max_queued_messages: 0, max_queued_bytes: 0 },
-            2 => Limits { max_inflight: 3, max_queued_messages: 4, max_queued_bytes: 64 },
-            3 => Limits { max_inflight: u16::MAX, max_queued_messages: 8, max_queued_bytes: 1 << 20 },
-            _ => Limits { max_inflight: 20, max_queued_messages: 16, max_queued_bytes: 4096 },
+            0 => (1, 1, 8),
+            1 => (2, 0, 0),
+            2 => (3, 4, 64),
+            _ => (u16::MAX, 8, 1 << 20),
+        };
+        let limits = Limits {
+            max_inflight,
+            max_queued_messages,
+            max_queued_bytes,
+            overflow_messages: if pause { max_queued_messages + RING_CAPACITY } else { 0 },
+            overflow_bytes: if pause { max_queued_bytes } else { 0 },
         };
         let settings = Settings {
             limits,
@@ -123,6 +131,7 @@ impl Harness {
             max_subscriptions_per_client: 4,
             max_topic_levels: 6,
             max_client_id_len: 32,
+            slow_subscriber: if pause { SlowSubscriber::Pause } else { SlowSubscriber::Drop },
         };
         let cores = build_mesh(n_cores, RING_CAPACITY)
             .into_iter()

@@ -9,7 +9,7 @@
 //! session resumption never need another core's state. Cross-core effects go through `Mesh::stage`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -45,6 +45,33 @@ pub struct Settings {
     pub max_topic_levels: usize,
     /// Longest client id accepted.
     pub max_client_id_len: usize,
+    /// What a full queue of an online session does to QoS 1/2 publishers of matching messages.
+    pub slow_subscriber: SlowSubscriber,
+}
+
+/// The policy for an online session whose queue is full (`slow_subscriber` in config).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlowSubscriber {
+    /// Publishers of QoS 1/2 messages that would reach the session wait, unacknowledged, until its
+    /// queue drains to half: no acknowledged message is dropped for it.
+    Pause,
+    /// The newest messages are dropped and counted (mosquitto's behaviour); publishers never wait.
+    Drop,
+}
+
+/// A connection holds at most this many QoS 1/2 PUBLISHes (or [`HOLD_BYTES`] of them) waiting for a
+/// congested subscriber before the broker stops reading it. Below that it keeps reading, so the
+/// acknowledgements a client sends for its own subscriptions still arrive (a client subscribed to what
+/// it publishes cannot deadlock), and a well-behaved client's in-flight window (20 in mosquitto_pub
+/// and paho, 100 in rumqttc) fits.
+pub const HOLD_MESSAGES: usize = 1024;
+pub const HOLD_BYTES: usize = 1 << 20;
+
+/// PUBLISHes of one connection waiting, in arrival order, for congested subscribers to drain.
+#[derive(Default)]
+struct Held {
+    packets: VecDeque<(Publish, Instant)>,
+    bytes: usize,
 }
 
 /// The control block of one connection, shared by the core (which fills the outbox) and the
@@ -114,12 +141,16 @@ struct ConnEntry {
     timeout: Option<Duration>,
     session: Option<usize>,
     will: Option<Will>,
+    /// PUBLISHes held back by the pause policy (boxed: most connections never have any).
+    held: Option<Box<Held>>,
 }
 
 struct SessionEntry {
     session: Session,
     /// The connection attached to the session, if the client is online.
     conn: Option<usize>,
+    /// The filters announced as congested (pause policy), withdrawn exactly when it drains.
+    congested: Option<Box<[Box<str>]>>,
 }
 
 /// What the reader does after a packet.
@@ -149,6 +180,14 @@ pub struct Core {
     index: SubscriptionIndex<usize, QoS>,
     /// Filters other cores have subscribers for: filter -> core id.
     interest: SubscriptionIndex<usize, ()>,
+    /// Filters of congested sessions on every core (this one included): filter -> [`congestion_key`].
+    /// A QoS 1/2 PUBLISH matching one is held before it is acknowledged.
+    congested: SubscriptionIndex<u64, ()>,
+    /// Connections with held PUBLISHes, retried when a congestion is withdrawn.
+    holding: Vec<usize>,
+    retry_held: bool,
+    /// Some held PUBLISHes were released or dropped: readers paused on a full hold may go on.
+    released: bool,
     /// This core's copy of every retained message (payloads are shared `Bytes`, not copies).
     retained: RetainedTree<Message>,
     pub mesh: Mesh,
@@ -199,6 +238,10 @@ impl Core {
             by_client: HashMap::new(),
             index: SubscriptionIndex::new(),
             interest: SubscriptionIndex::new(),
+            congested: SubscriptionIndex::new(),
+            holding: Vec::new(),
+            retry_held: false,
+            released: false,
             retained: RetainedTree::new(),
             mesh,
             dirty: Vec::new(),
@@ -237,6 +280,7 @@ impl Core {
             timeout: Some(self.settings.connect_timeout),
             session: None,
             will: None,
+            held: None,
         })
     }
 
@@ -288,7 +332,7 @@ impl Core {
             Some(&skey) => skey,
             None => {
                 let s = Session::new(client_id.clone(), clean_session, self.settings.limits);
-                let skey = self.sessions.insert(SessionEntry { session: s, conn: None });
+                let skey = self.sessions.insert(SessionEntry { session: s, conn: None, congested: None });
                 self.by_client.insert(client_id, skey);
                 skey
             }
@@ -309,6 +353,7 @@ impl Core {
             se.session.resume(&mut out);
         }
         self.mark_dirty(&ctl);
+        self.update_congestion(skey);
     }
 
     /// Handles one packet from an established connection.
@@ -318,10 +363,18 @@ impl Core {
         };
         match packet {
             Packet::Publish(p) => self.on_publish(key, skey, p, now),
-            Packet::PubAck(id) => self.with_session(key, skey, |s, out| s.on_puback(id, out)),
+            Packet::PubAck(id) => {
+                self.with_session(key, skey, |s, out| s.on_puback(id, out));
+                self.update_congestion(skey);
+                Flow::Continue
+            }
             Packet::PubRec(id) => self.with_session(key, skey, |s, out| s.on_pubrec(id, out)),
             Packet::PubRel(id) => self.with_session(key, skey, |s, out| s.on_pubrel(id, out)),
-            Packet::PubComp(id) => self.with_session(key, skey, |s, out| s.on_pubcomp(id, out)),
+            Packet::PubComp(id) => {
+                self.with_session(key, skey, |s, out| s.on_pubcomp(id, out));
+                self.update_congestion(skey);
+                Flow::Continue
+            }
             Packet::Subscribe(s) => self.on_subscribe(key, skey, s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(key, skey, u),
             Packet::PingReq => self.reply(key, Packet::PingResp),
@@ -359,6 +412,21 @@ impl Core {
         if level_count(p.topic.as_str()) > self.settings.max_topic_levels {
             return Flow::Close("too many topic levels in PUBLISH");
         }
+        // QoS 0 is never held: it is not acknowledged, and a congested subscriber's outbox bounds it.
+        if p.qos != QoS::AtMostOnce {
+            let holding = self.conns.get(key).is_some_and(|c| c.held.is_some());
+            // Behind an earlier held PUBLISH, to keep acknowledgements in order (MQTT-4.6.0-2).
+            if holding || self.is_congested(p.topic.as_str()) {
+                self.hold(key, p, now);
+                return Flow::Continue;
+            }
+        }
+        self.accept_publish(key, skey, p, now);
+        Flow::Continue
+    }
+
+    /// Acknowledges and routes a valid PUBLISH.
+    fn accept_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) {
         self.stats.msgs_in += 1;
         let route = match p.qos {
             QoS::AtMostOnce => true,
@@ -377,7 +445,110 @@ impl Core {
                 Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
             self.publish(msg);
         }
-        Flow::Continue
+    }
+
+    fn is_congested(&self, topic: &str) -> bool {
+        !self.congested.is_empty() && self.congested.any_match(topic)
+    }
+
+    fn hold(&mut self, key: usize, p: Publish, now: Instant) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let held = c.held.get_or_insert_with(|| {
+            self.holding.push(key);
+            Box::default()
+        });
+        held.bytes += p.payload.len() + p.topic.len();
+        held.packets.push_back((p, now));
+        self.stats.held += 1;
+    }
+
+    /// Whether the reader of `key` must stop reading until held PUBLISHes are released.
+    pub fn hold_full(&self, key: usize, ctl: &Rc<ConnCtl>) -> bool {
+        self.is_current(key, ctl)
+            && self.conns[key]
+                .held
+                .as_ref()
+                .is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES)
+    }
+
+    /// Returns (and clears) whether held PUBLISHes were released since the last call.
+    pub fn take_released(&mut self) -> bool {
+        std::mem::take(&mut self.released)
+    }
+
+    /// Retries held PUBLISHes after a congestion was withdrawn: each connection's, in order, until one
+    /// still meets a congested subscriber.
+    fn release_held(&mut self) {
+        if !std::mem::take(&mut self.retry_held) {
+            return;
+        }
+        for key in std::mem::take(&mut self.holding) {
+            while let Some(c) = self.conns.get_mut(key) {
+                let (Some(skey), Some(held)) = (c.session, c.held.as_mut()) else { break };
+                let Some((p, _)) = held.packets.front() else {
+                    c.held = None;
+                    self.released = true;
+                    break;
+                };
+                if !self.congested.is_empty() && self.congested.any_match(p.topic.as_str()) {
+                    self.holding.push(key);
+                    break;
+                }
+                let Some((p, received)) = held.packets.pop_front() else { break };
+                held.bytes -= p.payload.len() + p.topic.len();
+                self.released = true;
+                self.accept_publish(key, skey, p, received);
+            }
+        }
+    }
+
+    /// Announces or withdraws the session's congestion after its queue or connection changed.
+    fn update_congestion(&mut self, skey: usize) {
+        let Some(se) = self.sessions.get(skey) else { return };
+        let full = se.conn.is_some()
+            && self.settings.slow_subscriber == SlowSubscriber::Pause
+            && se.session.congested();
+        match &se.congested {
+            None if full => self.announce_congestion(skey),
+            Some(_) if se.conn.is_none() || se.session.relieved() => self.withdraw_congestion(skey),
+            _ => {}
+        }
+    }
+
+    fn announce_congestion(&mut self, skey: usize) {
+        let Some(se) = self.sessions.get_mut(skey) else { return };
+        // Only QoS 1/2 subscriptions queue what QoS 1/2 publishers send.
+        let filters: Box<[Box<str>]> = se
+            .session
+            .subscriptions
+            .iter()
+            .filter(|(_, &q)| q != QoS::AtMostOnce)
+            .map(|(f, _)| f.clone())
+            .collect();
+        se.congested = Some(filters.clone());
+        let ck = congestion_key(self.id, skey);
+        for f in filters.iter() {
+            self.congested.insert(f, ck, ());
+            for dst in 0..self.cores() {
+                if dst != self.id {
+                    self.mesh.stage(dst, XMsg::Congestion { key: ck, filter: f.clone(), on: true });
+                }
+            }
+        }
+    }
+
+    fn withdraw_congestion(&mut self, skey: usize) {
+        let Some(filters) = self.sessions.get_mut(skey).and_then(|se| se.congested.take()) else { return };
+        let ck = congestion_key(self.id, skey);
+        for f in filters.into_vec() {
+            self.congested.remove(&f, ck);
+            for dst in 0..self.cores() {
+                if dst != self.id {
+                    self.mesh.stage(dst, XMsg::Congestion { key: ck, filter: f.clone(), on: false });
+                }
+            }
+        }
+        self.retry_held = true;
     }
 
     /// Routes a message published by a client of this core (or a will): retained store, local
@@ -499,6 +670,11 @@ impl Core {
                 if se.session.deliver(m, qos, retain, guard.as_deref_mut()) == Delivered::Dropped {
                     self.stats.dropped += 1;
                 }
+                let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
+                drop(guard);
+                if newly_full {
+                    self.update_congestion(skey);
+                }
             }
         }
         if let Some(ctl) = ctl {
@@ -533,6 +709,11 @@ impl Core {
             }
             codes.push(SubAckCode::Granted(qos));
             granted_filters.push((f.filter, qos));
+        }
+        // A congested session's new filters must pause their publishers too: announce afresh.
+        if self.sessions.get(skey).is_some_and(|se| se.congested.is_some()) {
+            self.withdraw_congestion(skey);
+            self.update_congestion(skey);
         }
         // SUBACK first, then the retained messages (mosquitto's order; the spec allows either).
         self.reply(key, Packet::SubAck(SubAck { pkid: sub.pkid, codes }));
@@ -580,6 +761,7 @@ impl Core {
         if !self.sessions.contains(skey) {
             return;
         }
+        self.withdraw_congestion(skey);
         let se = self.sessions.remove(skey);
         for filter in se.session.subscriptions.keys() {
             if self.index.remove(filter, skey).last_for_filter {
@@ -607,6 +789,11 @@ impl Core {
             return;
         }
         let entry = self.conns.remove(key);
+        if entry.held.is_some() {
+            // Never acknowledged: the client sends them again when it reconnects.
+            self.holding.retain(|&k| k != key);
+            self.released = true;
+        }
         if kick {
             entry.ctl.kick();
         } else {
@@ -619,6 +806,9 @@ impl Core {
                     se.conn = None;
                     if se.session.clean {
                         self.end_session(skey);
+                    } else {
+                        // Offline, its queue drops the newest when full: publishers need not wait.
+                        self.update_congestion(skey);
                     }
                 }
             }
@@ -643,6 +833,12 @@ impl Core {
             .filter(|(_, c)| c.timeout.is_some_and(|t| now.saturating_duration_since(c.last_seen) > t))
             .map(|(k, _)| k)
             .collect();
+        // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
+        for c in self.conns.iter_mut().map(|(_, c)| c) {
+            if c.held.as_ref().is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES) {
+                c.last_seen = now;
+            }
+        }
         for key in expired {
             // The reader sees the shutdown and calls conn_closed; closing here already publishes the
             // will and detaches the session, so the reader's later call finds nothing.
@@ -675,6 +871,14 @@ impl Core {
                         self.interest.remove(&filter, core);
                     }
                 }
+                XMsg::Congestion { key, filter, on } => {
+                    if on {
+                        self.congested.insert(&filter, key, ());
+                    } else {
+                        self.congested.remove(&filter, key);
+                        self.retry_held = true;
+                    }
+                }
                 XMsg::Handoff { stream, connect, buffered, permit } => {
                     self.handoffs.push((stream, connect, buffered, permit))
                 }
@@ -692,6 +896,7 @@ impl Core {
 
     /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
     pub fn end_batch(&mut self) {
+        self.release_held();
         for ctl in self.dirty.drain(..) {
             ctl.dirty.set(false);
             ctl.wake.notify_one();
@@ -713,6 +918,11 @@ impl Core {
         }
         self.conns.clear();
     }
+}
+
+/// Names a session in the congestion index of every core.
+fn congestion_key(core: usize, skey: usize) -> u64 {
+    ((core as u64) << 48) | skey as u64
 }
 
 fn all_cores_mask(n: usize) -> u64 {

@@ -236,7 +236,7 @@ async fn established(
         if ctl.is_closing() {
             break false;
         }
-        wait_unblocked(&core).await;
+        wait_unblocked(&core, key, &ctl).await;
         prepare_read(&mut buf, want, max_packet);
         let spare = buf.capacity() - buf.len();
         let (res, b) = conn.read(buf).await;

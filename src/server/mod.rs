@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use crate::config::ListenerConfig;
-use crate::core::{Core, Settings};
+use crate::core::{ConnCtl, Core, Settings};
 use crate::io::{self, Listener};
 use crate::stats::Stats;
 use crate::xcore::{ConnLimits, Mesh, Signal};
@@ -31,7 +31,8 @@ pub struct CoreCell {
     /// Wakes the tick task, which sends the cross-core wake-ups owed at the end of this loop tick.
     tick: Notify,
     tick_scheduled: Cell<bool>,
-    /// Readers paused by a full ring wait here; the room task wakes them all.
+    /// Readers paused by a full ring or a full hold (pause policy) wait here; whoever frees either
+    /// wakes them all.
     unblocked: Notify,
 }
 
@@ -73,6 +74,9 @@ fn schedule_tick(core: &CoreRef) {
 /// connections other cores handed over (whoever drained the ring found them).
 fn after_batch(core: &CoreRef) {
     schedule_tick(core);
+    if core.borrow_mut().take_released() {
+        core.unblocked.notify_waiters();
+    }
     let handoffs = std::mem::take(&mut core.borrow_mut().handoffs);
     for (stream, connect, buf, permit) in handoffs {
         io::spawn_local(conn::serve_handoff(core.clone(), stream, connect, buf, permit));
@@ -87,11 +91,16 @@ async fn tick_task(core: CoreRef) {
     }
 }
 
-/// Waits while this core has messages that did not fit a ring (backpressure on publishers).
-async fn wait_unblocked(core: &CoreRef) {
-    while core.borrow().is_blocked() {
+/// Waits while this core has messages that did not fit a ring, or while the connection holds as many
+/// PUBLISHes as it may for congested subscribers (backpressure on publishers).
+async fn wait_unblocked(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>) {
+    let blocked = || {
+        let c = core.borrow();
+        (c.is_blocked() || c.hold_full(key, ctl)) && !ctl.is_closing()
+    };
+    while blocked() {
         let n = core.unblocked.notified();
-        if !core.borrow().is_blocked() {
+        if !blocked() {
             break;
         }
         n.await;
@@ -106,7 +115,7 @@ async fn room_task(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
             let mut c = core.borrow_mut();
             c.end_batch();
         }
-        schedule_tick(&core);
+        after_batch(&core);
         if !core.borrow().is_blocked() {
             core.unblocked.notify_waiters();
         }
@@ -121,7 +130,7 @@ async fn sweeper(core: CoreRef) {
             c.sweep(Instant::now());
             c.end_batch();
         }
-        schedule_tick(&core);
+        after_batch(&core);
     }
 }
 

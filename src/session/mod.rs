@@ -63,6 +63,11 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Payload bytes waiting beyond the in-flight window or while offline.
     pub max_queued_bytes: usize,
+    /// Room beyond `max_queued_messages` / `max_queued_bytes` for an *online* session whose publishers
+    /// are paused once it is full ([`Session::congested`]): messages already past that check (in the
+    /// cross-core rings) still arrive and must not be lost. 0 under the drop policy.
+    pub overflow_messages: usize,
+    pub overflow_bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,8 +158,25 @@ impl Session {
                 self.send(msg, qos, retain, out);
                 Delivered::Sent
             }
-            _ => self.enqueue(msg, qos, retain),
+            out => {
+                let online = out.is_some();
+                self.enqueue(msg, qos, retain, online)
+            }
         }
+    }
+
+    /// The queue is full: under the pause policy, publishers of messages for this session must wait
+    /// before they are acknowledged.
+    pub fn congested(&self) -> bool {
+        self.queue.len() >= self.limits.max_queued_messages
+            || self.queued_bytes >= self.limits.max_queued_bytes
+    }
+
+    /// The queue has drained to half its limits: paused publishers may go on. The gap between this and
+    /// [`Session::congested`] keeps a session near its limit from pausing and releasing at every message.
+    pub fn relieved(&self) -> bool {
+        self.queue.len() <= self.limits.max_queued_messages / 2
+            && self.queued_bytes <= self.limits.max_queued_bytes / 2
     }
 
     /// Whether [`Session::deliver`] would queue a message of `qos` rather than send it now.
@@ -166,10 +188,13 @@ impl Session {
         qos == QoS::AtMostOnce || self.inflight.len() < usize::from(self.limits.max_inflight)
     }
 
-    fn enqueue(&mut self, msg: Message, qos: QoS, retain: bool) -> Delivered {
+    fn enqueue(&mut self, msg: Message, qos: QoS, retain: bool, online: bool) -> Delivered {
         let len = msg.payload.len();
-        if self.queue.len() >= self.limits.max_queued_messages
-            || self.queued_bytes.saturating_add(len) > self.limits.max_queued_bytes
+        let (extra_msgs, extra_bytes) =
+            if online { (self.limits.overflow_messages, self.limits.overflow_bytes) } else { (0, 0) };
+        if self.queue.len() >= self.limits.max_queued_messages.saturating_add(extra_msgs)
+            || self.queued_bytes.saturating_add(len)
+                > self.limits.max_queued_bytes.saturating_add(extra_bytes)
         {
             self.dropped += 1;
             return Delivered::Dropped;

@@ -30,7 +30,7 @@ enum F {
 }
 
 fn limits(max_inflight: u16, max_queued_messages: usize, max_queued_bytes: usize) -> Limits {
-    Limits { max_inflight, max_queued_messages, max_queued_bytes }
+    Limits { max_inflight, max_queued_messages, max_queued_bytes, overflow_messages: 0, overflow_bytes: 0 }
 }
 
 fn session(l: Limits) -> Session {
@@ -350,6 +350,36 @@ fn queue_byte_limit_drops_the_newest_and_counts_exactly() {
     s.on_puback(p5, &mut out);
     assert!(out.is_empty());
     assert_eq!((s.inflight_len(), s.queued_len(), s.queued_bytes(), s.dropped), (0, 0, 0, 2));
+}
+
+#[test]
+fn an_online_session_uses_its_overflow_room_and_reports_congestion() {
+    let mut s = session(Limits { overflow_messages: 2, overflow_bytes: 100, ..limits(1, 4, 1000) });
+    let mut out = Outbox::new();
+    give(&mut s, 1, 3, QoS::AtLeastOnce, Some(&mut out));
+    let p1 = sent_one(&mut out, 1, QoS::AtLeastOnce);
+    for id in 2..=4 {
+        assert_eq!(give(&mut s, id, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+        assert!(!s.congested());
+    }
+    assert_eq!(give(&mut s, 5, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+    assert!(s.congested(), "4 queued = max_queued_messages");
+    // What was already on its way when publishers were paused still fits, up to the overflow room.
+    assert_eq!(give(&mut s, 6, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+    assert_eq!(give(&mut s, 7, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+    assert_eq!(give(&mut s, 8, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Dropped);
+    // Offline there is no overflow room: the offline queue keeps mosquitto's drop-newest policy.
+    assert_eq!(give(&mut s, 9, 3, QoS::AtLeastOnce, None), Delivered::Dropped);
+    assert_eq!((s.queued_len(), s.dropped), (6, 2));
+    // Relieved only at half the limit: 6 queued -> 2 after four acknowledgements.
+    let mut pkid = p1;
+    for id in 2..=5 {
+        assert!(!s.relieved());
+        s.on_puback(pkid, &mut out);
+        pkid = sent_one(&mut out, id, QoS::AtLeastOnce);
+    }
+    assert_eq!(s.queued_len(), 2);
+    assert!(s.relieved() && !s.congested());
 }
 
 #[test]
@@ -794,8 +824,11 @@ fn step(s: &mut Session, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             message.retain = retain;
             let got = s.deliver(message, qos, retain, if m.online { Some(&mut out) } else { None });
             let frames = drain(&mut out);
-            let fits = m.queue.len() < m.limits.max_queued_messages
-                && m.queued_bytes + len <= m.limits.max_queued_bytes;
+            // An online session has the overflow room of the pause policy on top of its limits.
+            let (extra_msgs, extra_bytes) =
+                if m.online { (m.limits.overflow_messages, m.limits.overflow_bytes) } else { (0, 0) };
+            let fits = m.queue.len() < m.limits.max_queued_messages + extra_msgs
+                && m.queued_bytes + len <= m.limits.max_queued_bytes + extra_bytes;
             let want = if m.online && m.queue.is_empty() && m.window_open(qos) {
                 Delivered::Sent
             } else if fits {
@@ -908,7 +941,11 @@ fn step(s: &mut Session, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
 
 fn ops_and_limits() -> impl Strategy<Value = (Limits, u16, Vec<Op>)> {
     (
-        (1..=4u16, 0..=6usize, 0..=40usize).prop_map(|(i, q, b)| limits(i, q, b)),
+        (1..=4u16, 0..=6usize, 0..=40usize, 0..=3usize, 0..=20usize).prop_map(|(i, q, b, om, ob)| Limits {
+            overflow_messages: om,
+            overflow_bytes: ob,
+            ..limits(i, q, b)
+        }),
         // Start some runs just short of the wrap so that 65535 -> 1 is crossed with flows open.
         prop_oneof![Just(1u16), (u16::MAX - 6)..=u16::MAX],
         prop::collection::vec(op(), 0..200),

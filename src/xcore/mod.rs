@@ -33,6 +33,9 @@ pub enum XMsg {
     Publish(Message),
     /// The sending core gained its first (`add`) or lost its last subscription to `filter`.
     Interest { core: usize, filter: Box<str>, add: bool },
+    /// A session of the sending core became congested (`on`) or drained (pause policy): QoS 1/2
+    /// PUBLISHes matching `filter` are held before acknowledgement while any `key` has it on.
+    Congestion { key: u64, filter: Box<str>, on: bool },
     /// A connection whose CONNECT arrived on the sending core but whose session lives on the destination
     /// core (the home core of its client id). `buffered` holds bytes read after the CONNECT.
     Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut, permit: ConnPermit },
