@@ -5,6 +5,7 @@
 //! `io` is the socket interface with its io_uring and epoll backends; `server` glues a core to its
 //! sockets; `main.rs` parses the command line and starts one thread per core.
 
+pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod core;

@@ -199,7 +199,18 @@ pub struct Core {
     assigned_ids: u64,
     /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
     frame_buf: BytesMut,
+    /// Connections closed since memory was last given back (see [`Core::take_trim_due`]).
+    closed_since_trim: usize,
+    /// `closed_since_trim` at the previous sweep: unchanged means the wave is over.
+    closed_at_last_sweep: usize,
+    trim_due: bool,
 }
+
+/// After this many closed connections (or [`TRIM_AFTER_QUIET`] once closing has stopped for a sweep) the
+/// sweeper shrinks the core's tables and has the allocator give free pages back, so that RSS returns
+/// near its baseline after a wave of disconnects.
+const TRIM_AFTER_CLOSES: usize = 1000;
+const TRIM_AFTER_QUIET: usize = 64;
 
 /// The core that owns the session of `client_id`.
 pub fn home_core(client_id: &str, cores: usize) -> usize {
@@ -250,6 +261,9 @@ impl Core {
             inbound: Vec::new(),
             assigned_ids: 0,
             frame_buf: BytesMut::new(),
+            closed_since_trim: 0,
+            closed_at_last_sweep: 0,
+            trim_due: false,
         }
     }
 
@@ -293,6 +307,7 @@ impl Core {
     pub fn unregister(&mut self, key: usize, ctl: &Rc<ConnCtl>) {
         if self.is_current(key, ctl) {
             self.conns.remove(key);
+            self.closed_since_trim += 1;
         }
     }
 
@@ -469,6 +484,12 @@ impl Core {
                 .held
                 .as_ref()
                 .is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES)
+    }
+
+    /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
+    /// the allocator to give free memory back (`crate::alloc`).
+    pub fn take_trim_due(&mut self) -> bool {
+        std::mem::take(&mut self.trim_due)
     }
 
     /// Returns (and clears) whether held PUBLISHes were released since the last call.
@@ -789,6 +810,7 @@ impl Core {
             return;
         }
         let entry = self.conns.remove(key);
+        self.closed_since_trim += 1;
         if entry.held.is_some() {
             // Never acknowledged: the client sends them again when it reconnects.
             self.holding.retain(|&k| k != key);
@@ -838,6 +860,22 @@ impl Core {
             if c.held.as_ref().is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES) {
                 c.last_seen = now;
             }
+        }
+        let quiet = self.closed_since_trim == self.closed_at_last_sweep;
+        self.closed_at_last_sweep = self.closed_since_trim;
+        if self.closed_since_trim >= TRIM_AFTER_CLOSES
+            || (quiet && self.closed_since_trim >= TRIM_AFTER_QUIET)
+        {
+            self.closed_since_trim = 0;
+            self.closed_at_last_sweep = 0;
+            self.trim_due = true;
+            // Tables sized for the wave give back what its end freed (vacant slots at the tail only:
+            // keys of live entries never move).
+            self.conns.shrink_to_fit();
+            self.sessions.shrink_to_fit();
+            self.by_client.shrink_to_fit();
+            self.holding.shrink_to_fit();
+            self.dirty.shrink_to_fit();
         }
         for key in expired {
             // The reader sees the shutdown and calls conn_closed; closing here already publishes the

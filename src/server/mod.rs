@@ -131,6 +131,9 @@ async fn sweeper(core: CoreRef) {
             c.end_batch();
         }
         after_batch(&core);
+        if core.borrow_mut().take_trim_due() {
+            crate::alloc::release_free_memory();
+        }
     }
 }
 
