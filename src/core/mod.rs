@@ -74,6 +74,13 @@ struct Held {
     bytes: usize,
 }
 
+impl Held {
+    /// The reader must stop reading the connection until some are released.
+    fn is_full(&self) -> bool {
+        self.packets.len() >= HOLD_MESSAGES || self.bytes >= HOLD_BYTES
+    }
+}
+
 /// The control block of one connection, shared by the core (which fills the outbox) and the
 /// connection's reader and writer tasks.
 pub struct ConnCtl {
@@ -479,11 +486,7 @@ impl Core {
 
     /// Whether the reader of `key` must stop reading until held PUBLISHes are released.
     pub fn hold_full(&self, key: usize, ctl: &Rc<ConnCtl>) -> bool {
-        self.is_current(key, ctl)
-            && self.conns[key]
-                .held
-                .as_ref()
-                .is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES)
+        self.is_current(key, ctl) && self.conns[key].held.as_ref().is_some_and(|h| h.is_full())
     }
 
     /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
@@ -857,7 +860,7 @@ impl Core {
             .collect();
         // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
         for c in self.conns.iter_mut().map(|(_, c)| c) {
-            if c.held.as_ref().is_some_and(|h| h.packets.len() >= HOLD_MESSAGES || h.bytes >= HOLD_BYTES) {
+            if c.held.as_ref().is_some_and(|h| h.is_full()) {
                 c.last_seen = now;
             }
         }
