@@ -14,6 +14,9 @@ use std::path::PathBuf;
                   see coremq.example.toml for every key and its default."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// TOML config file
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -63,9 +66,46 @@ pub struct Cli {
     /// Client connections served at once, all listeners together; 0 = no limit [default: 0]
     #[arg(long, value_name = "N")]
     pub max_connections: Option<u64>,
+    /// Password file in mosquitto_passwd format (the config's [auth] password_file)
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// ACL file in mosquitto's acl_file format (the config's [auth] acl_file)
+    #[arg(long, value_name = "FILE")]
+    pub acl_file: Option<PathBuf>,
     /// Slots of each cross-core ring; a full ring pauses publishers, never drops [default: 4096]
     #[arg(long, value_name = "N")]
     pub ring_capacity: Option<u64>,
+}
+
+/// Subcommands; without one, `coremq` runs the broker.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Command {
+    /// Add, update or delete a user of a password file (like mosquitto_passwd; the file format is the
+    /// same, so either tool can edit it)
+    Passwd(PasswdArgs),
+}
+
+/// `coremq passwd [-c] [-b] [-D] FILE USER [PASSWORD]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PasswdArgs {
+    /// Create the file, replacing it if it exists
+    #[arg(short = 'c', conflicts_with = "delete")]
+    pub create: bool,
+    /// Take the password from the command line instead of a prompt or stdin
+    #[arg(short = 'b', requires = "password")]
+    pub batch: bool,
+    /// Delete USER from the file
+    #[arg(short = 'D', conflicts_with_all = ["batch", "password"])]
+    pub delete: bool,
+    /// PBKDF2-SHA512 iterations for the new hash [default: 10000]
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<u32>,
+    /// The password file
+    pub file: PathBuf,
+    /// The user name
+    pub user: String,
+    /// The password (with -b)
+    pub password: Option<String>,
 }
 
 #[cfg(test)]

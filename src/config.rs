@@ -14,6 +14,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::{Spanned, Value};
 
+use crate::auth::acl::Acl;
+use crate::auth::password::PasswordFile;
+use crate::auth::AuthFiles;
 use crate::cli::Cli;
 use crate::cpus;
 
@@ -115,8 +118,9 @@ impl SlowSubscriberChoice {
 pub struct ListenerConfig {
     /// Address and port to listen on.
     pub bind: SocketAddr,
-    /// Whether clients without credentials may connect. With `false` and no password file (which
-    /// arrives with authentication) every client is refused with CONNACK 0x05, as in mosquitto.
+    /// Whether clients without a username may connect. With `false` and no password file every client
+    /// is refused with CONNACK 0x05, as in mosquitto; with a password file, clients with a username
+    /// are checked against it either way.
     pub allow_anonymous: bool,
     /// Connections this listener serves at once, across all cores; 0 = no limit of its own.
     pub max_connections: usize,
@@ -176,6 +180,10 @@ pub struct Config {
     /// Slots of each cross-core ring, 2..=1048576. A full ring pauses the publishing core's readers.
     /// Default 4096.
     pub ring_capacity: usize,
+    /// `[auth] password_file`, read and parsed at startup (mosquitto_passwd format).
+    pub password_file: Option<(PathBuf, PasswordFile)>,
+    /// `[auth] acl_file`, read and parsed at startup (mosquitto acl_file format).
+    pub acl_file: Option<(PathBuf, Acl)>,
     /// The file this came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -272,6 +280,8 @@ struct Layer {
     max_subscriptions_per_client: Option<usize>,
     max_topic_levels: Option<usize>,
     max_client_id_len: Option<usize>,
+    password_file: Option<(PathBuf, Origin)>,
+    acl_file: Option<(PathBuf, Origin)>,
 }
 
 /// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
@@ -297,6 +307,14 @@ struct RawFile {
     max_topic_levels: Option<Spanned<Value>>,
     max_client_id_len: Option<Spanned<Value>>,
     listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
+    auth: Option<Spanned<RawAuth>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an [auth] table")]
+struct RawAuth {
+    password_file: Option<Spanned<Value>>,
+    acl_file: Option<Spanned<Value>>,
 }
 
 #[derive(Deserialize)]
@@ -578,6 +596,19 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (n, _) = ctx.int("ring_capacity", v, &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
     }
+    if let Some(auth) = &raw.auth {
+        let auth = auth.get_ref();
+        // Relative to the config file, so that a config and its files can move together.
+        let dir = path.parent().unwrap_or(Path::new(""));
+        if let Some(v) = &auth.password_file {
+            let (s, origin) = ctx.string("auth.password_file", v)?;
+            layer.password_file = Some((dir.join(s), origin));
+        }
+        if let Some(v) = &auth.acl_file {
+            let (s, origin) = ctx.string("auth.acl_file", v)?;
+            layer.acl_file = Some((dir.join(s), origin));
+        }
+    }
     if let Some(tables) = &raw.listener {
         if tables.get_ref().is_empty() {
             return Err(ctx.origin("listener", tables.span()).error(
@@ -680,7 +711,43 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
         let n = flag_int(v, "--ring-capacity", &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
     }
+    if let Some(p) = &cli.password_file {
+        layer.password_file = Some((p.clone(), Origin::Flag("--password-file")));
+    }
+    if let Some(p) = &cli.acl_file {
+        layer.acl_file = Some((p.clone(), Origin::Flag("--acl-file")));
+    }
     Ok(())
+}
+
+/// Reads the password and ACL files again (SIGHUP), from the paths the configuration named.
+pub fn reload_auth(cfg: &Config) -> Result<AuthFiles, String> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {}", path.display(), io_message(&e)))
+    };
+    let passwords = match &cfg.password_file {
+        Some((path, _)) => {
+            Some(PasswordFile::parse(&read(path)?).map_err(|m| format!("{}: {m}", path.display()))?)
+        }
+        None => None,
+    };
+    let acl = match &cfg.acl_file {
+        Some((path, _)) => Some(Acl::parse(&read(path)?).map_err(|m| format!("{}: {m}", path.display()))?),
+        None => None,
+    };
+    Ok(AuthFiles { passwords, acl })
+}
+
+/// Reads and parses a file an `[auth]` key names; an error names the key (or flag), the file and the line.
+fn load_auth_file<T>(
+    (path, origin): &(PathBuf, Origin),
+    parse: impl FnOnce(&str) -> Result<T, String>,
+) -> Result<(PathBuf, T), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| origin.error(format!("cannot read {}: {}", path.display(), io_message(&e))))?;
+    let parsed = parse(&text).map_err(|m| origin.error(format!("{}: {m}", path.display())))?;
+    Ok((path.clone(), parsed))
 }
 
 /// Applies the flags, cross-checks threads and cpus against each other and against the cpus this
@@ -735,6 +802,9 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         }
     };
 
+    let password_file =
+        layer.password_file.as_ref().map(|f| load_auth_file(f, PasswordFile::parse)).transpose()?;
+    let acl_file = layer.acl_file.as_ref().map(|f| load_auth_file(f, Acl::parse)).transpose()?;
     let default_listener = layer.listeners.is_none();
     let listeners = layer.listeners.unwrap_or_else(|| {
         vec![ListenerConfig::new(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), DEFAULT_PORT))]
@@ -761,6 +831,8 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
             .unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT),
         max_topic_levels: layer.max_topic_levels.unwrap_or(DEFAULT_MAX_TOPIC_LEVELS),
         max_client_id_len: layer.max_client_id_len.unwrap_or(DEFAULT_MAX_CLIENT_ID_LEN),
+        password_file,
+        acl_file,
         source: layer.source,
     })
 }
@@ -1303,6 +1375,10 @@ bind = "0.0.0.0:1883"
             "bind",
             "allow_anonymous",
             "max_connections",
+            "slow_subscriber",
+            "[auth]",
+            "password_file",
+            "acl_file",
         ] {
             assert!(
                 text.lines().any(|l| l.trim_start_matches("# ").starts_with(key)),

@@ -6,11 +6,13 @@
 //! sockets; `main.rs` parses the command line and starts one thread per core.
 
 pub mod alloc;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod core;
 pub mod cpus;
 pub mod io;
+pub mod passwd;
 pub mod protocol;
 pub mod server;
 pub mod session;

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use clap::Parser as _;
 
-use coremq::cli::Cli;
+use coremq::auth::AuthFiles;
+use coremq::cli::{Cli, Command};
 use coremq::config::{self, BackendChoice, Config, SlowSubscriberChoice};
 use coremq::core::{Settings, SlowSubscriber};
 use coremq::io::{self, Backend};
@@ -41,7 +42,7 @@ fn choose_backend(choice: BackendChoice) -> Backend {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in this thread and, by inheritance, in every worker, so that only
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and, by inheritance, in every worker, so that only
 /// `wait_for_signal` on the main thread receives them.
 fn block_signals() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise it, and pthread_sigmask only
@@ -51,6 +52,7 @@ fn block_signals() -> libc::sigset_t {
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     }
@@ -112,10 +114,37 @@ fn settings(cfg: &Config) -> Settings {
         max_subscriptions_per_client: cfg.max_subscriptions_per_client,
         max_topic_levels: cfg.max_topic_levels,
         max_client_id_len: cfg.max_client_id_len,
+        passwords: cfg.password_file.as_ref().map(|(_, f)| f.clone()),
+        acl: cfg.acl_file.as_ref().map(|(_, a)| a.clone()),
         slow_subscriber: match cfg.slow_subscriber {
             SlowSubscriberChoice::Pause => SlowSubscriber::Pause,
             SlowSubscriberChoice::Drop => SlowSubscriber::Drop,
         },
+    }
+}
+
+/// SIGHUP: re-reads the password and ACL files and hands each core its own copy. Connections stay up; a
+/// file that no longer loads leaves every core on what it had, and says so in one line.
+fn reload(cfg: &Config, cores: &[mpsc::Sender<AuthFiles>]) {
+    match config::reload_auth(cfg) {
+        Ok(files) => {
+            let mut what = Vec::new();
+            if let (Some((path, _)), Some(p)) = (&cfg.password_file, &files.passwords) {
+                what.push(format!("password file {} ({} users)", path.display(), p.len()));
+            }
+            if let Some((path, _)) = &cfg.acl_file {
+                what.push(format!("ACL file {}", path.display()));
+            }
+            for tx in cores {
+                let _ = tx.send(files.clone());
+            }
+            if what.is_empty() {
+                eprintln!("coremq: SIGHUP: no password or ACL file configured; nothing to reload");
+            } else {
+                eprintln!("coremq: SIGHUP: reloaded {}", what.join(" and "));
+            }
+        }
+        Err(e) => eprintln!("coremq: SIGHUP: reload failed, keeping the previous files: {e}"),
     }
 }
 
@@ -130,6 +159,13 @@ fn main() {
             fail(format!("{} (see --help)", first.trim_start_matches("error: ")))
         }
     };
+    if let Some(Command::Passwd(args)) = &cli.command {
+        if let Err(e) = coremq::passwd::run(args) {
+            eprintln!("coremq passwd: {e}");
+            exit(1);
+        }
+        return;
+    }
     let cfg = config::load(&cli).unwrap_or_else(|e| fail(e));
     let backend = choose_backend(cfg.backend);
     let sigset = block_signals();
@@ -139,10 +175,13 @@ fn main() {
     let signals = meshes[0].signals().clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
+    let mut reloads = Vec::with_capacity(n);
     let addrs = cfg.listeners.clone();
     let per_listener: Vec<usize> = addrs.iter().map(|l| l.max_connections).collect();
     let limits = xcore::ConnLimits::new(cfg.max_connections, &per_listener);
     for (id, mesh) in meshes.into_iter().enumerate() {
+        let (reload_tx, reload_rx) = mpsc::channel();
+        reloads.push(reload_tx);
         let setup = CoreSetup {
             id,
             settings: settings(&cfg),
@@ -151,6 +190,7 @@ fn main() {
             limits: limits.clone(),
             ready: ready_tx.clone(),
             done: done_tx.clone(),
+            reload: reload_rx,
         };
         let cpu = cfg.cpus.as_ref().and_then(|c| c.get(id).copied());
         let spawned = std::thread::Builder::new().name(format!("coremq-core-{id}")).spawn(move || {
@@ -196,6 +236,12 @@ fn main() {
         Some(c) => format!(", pinned to cpus {}", cpus::format_cpu_list(c)),
         None => String::new(),
     };
+    if let Some((path, file)) = &cfg.password_file {
+        eprintln!("coremq: password file {} ({} users)", path.display(), file.len());
+    }
+    if let Some((path, _)) = &cfg.acl_file {
+        eprintln!("coremq: ACL file {} (what no rule allows is denied)", path.display());
+    }
     eprintln!(
         "coremq: listening on {}; {n} threads, {} backend{pinning}",
         listen.join(", "),
@@ -212,7 +258,13 @@ fn main() {
     }
     let started = std::time::Instant::now();
 
-    let sig = wait_for_signal(&sigset);
+    let sig = loop {
+        let sig = wait_for_signal(&sigset);
+        if sig != libc::SIGHUP {
+            break sig;
+        }
+        reload(&cfg, &reloads);
+    };
     SHUTDOWN.store(true, Ordering::SeqCst);
     for s in signals.iter() {
         s.wake.notify_one();

@@ -26,6 +26,8 @@ pub struct Stats {
     pub ring_stalls: u64,
     /// QoS 1/2 PUBLISHes held unacknowledged because a matching subscriber's queue was full.
     pub held: u64,
+    /// PUBLISHes, subscriptions and wills the ACL refused.
+    pub denied: u64,
     /// Connections refused before a session, by reason (the CONNACK code's meaning, or why none was sent).
     pub refused: BTreeMap<&'static str, u64>,
     /// Established connections the broker closed, by reason (protocol errors, keep-alive, takeover).
@@ -48,6 +50,7 @@ impl Stats {
             dropped: 0,
             ring_stalls: 0,
             held: 0,
+            denied: 0,
             refused: BTreeMap::new(),
             closed: BTreeMap::new(),
             // 3 significant figures over 1 µs .. 60 s: ~100 KB per core, allocated once.
@@ -79,6 +82,7 @@ impl Stats {
         self.dropped += other.dropped;
         self.ring_stalls += other.ring_stalls;
         self.held += other.held;
+        self.denied += other.denied;
         for (k, v) in &other.refused {
             *self.refused.entry(k).or_default() += v;
         }
@@ -94,8 +98,14 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}, held {}",
-            self.connections, self.msgs_in, self.msgs_out, self.dropped, self.ring_stalls, self.held
+            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}, held {}, denied {}",
+            self.connections,
+            self.msgs_in,
+            self.msgs_out,
+            self.dropped,
+            self.ring_stalls,
+            self.held,
+            self.denied
         );
         let _ = writeln!(
             s,
@@ -135,7 +145,7 @@ mod tests {
         let r = a.render("all");
         assert!(
             r.starts_with(
-                "all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0, held 0\n"
+                "all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0, held 0, denied 0\n"
             ),
             "{r}"
         );

@@ -10,7 +10,7 @@
 //!
 //! Input layout (all of it is optional: a short input just ends early):
 //! - byte 0, the setup: bit 0: 2 or 3 clients; bit 1: 1 or 2 cores; bits 2–3: `max_packet_size`;
-//!   bit 4: `queue_qos0_messages`; bits 5–6: the session limits; bit 7: the `slow_subscriber` policy (pause or drop).
+//!   bit 4: `queue_qos0_messages`; bits 5–6: the session limits (variant 2 also has an ACL); bit 7: the `slow_subscriber` policy (pause or drop).
 //! - then chunks, each `[op, len, len bytes…]` (the last one may be short): `len` bytes that client
 //!   `op & 3` sends in one read. `op` bit 2: that client's TCP connection drops first (no DISCONNECT,
 //!   so its will fires); bits 3–4: the clock jumps forward (0, 1 s, 20 s, 20 min) and the keep-alive
@@ -24,6 +24,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use coremq::auth::acl::Acl;
 use coremq::core::{check_connect, home_core, ConnCtl, Core, Flow, Settings, SlowSubscriber};
 use coremq::protocol::{
     decode, encode, encode_publish_head, ConnAck, ConnectReturnCode, DecodeError, Packet, ProtocolVersion,
@@ -132,6 +133,15 @@ impl Harness {
             max_topic_levels: 6,
             max_client_id_len: 32,
             slow_subscriber: if pause { SlowSubscriber::Pause } else { SlowSubscriber::Drop },
+            // Credentials are checked before a connection reaches the core (not modelled here).
+            passwords: None,
+            // With the limits of variant 2, an ACL: anonymous clients may do anything but touch a/b,
+            // clients with a username only their own c/<client id>/ tree, so that subscribe, publish,
+            // delivery and will checks all run, allowed and denied.
+            acl: ((setup >> 5) & 3 == 2).then(|| {
+                Acl::parse("topic readwrite #\ntopic deny a/b\npattern readwrite c/%c/#\n")
+                    .expect("valid ACL")
+            }),
         };
         let cores = build_mesh(n_cores, RING_CAPACITY)
             .into_iter()

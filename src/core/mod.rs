@@ -19,6 +19,9 @@ use slab::Slab;
 use smallvec::SmallVec;
 use tokio::sync::Notify;
 
+use crate::auth::acl::Acl;
+use crate::auth::password::{PasswordFile, VerifyCache};
+use crate::auth::AuthFiles;
 use crate::io::Conn;
 use crate::protocol::{
     self, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS, SubAck, SubAckCode, Subscribe,
@@ -47,6 +50,10 @@ pub struct Settings {
     pub max_client_id_len: usize,
     /// What a full queue of an online session does to QoS 1/2 publishers of matching messages.
     pub slow_subscriber: SlowSubscriber,
+    /// Users and password hashes (`[auth] password_file`); `None`: usernames are not checked.
+    pub passwords: Option<PasswordFile>,
+    /// Access rules (`[auth] acl_file`); `None`: every client may publish and subscribe to anything.
+    pub acl: Option<Acl>,
 }
 
 /// The policy for an online session whose queue is full (`slow_subscriber` in config).
@@ -158,6 +165,11 @@ struct SessionEntry {
     conn: Option<usize>,
     /// The filters announced as congested (pause policy), withdrawn exactly when it drains.
     congested: Option<Box<[Box<str>]>>,
+    /// The username of the client's current (or last) connection, for the ACL.
+    username: Option<Utf8Bytes>,
+    /// The ACL has deny rules for this client: deliveries are checked one by one (otherwise a
+    /// subscription the ACL allowed covers only readable topics).
+    check_reads: bool,
 }
 
 /// What the reader does after a packet.
@@ -211,7 +223,12 @@ pub struct Core {
     /// `closed_since_trim` at the previous sweep: unchanged means the wave is over.
     closed_at_last_sweep: usize,
     trim_due: bool,
+    /// Credentials that verified recently: a reconnect costs one hash, not a PBKDF2 derivation.
+    verified: VerifyCache,
 }
+
+/// Usernames whose verified password the cache keeps per core.
+const VERIFY_CACHE: usize = 100_000;
 
 /// After this many closed connections (or [`TRIM_AFTER_QUIET`] once closing has stopped for a sweep) the
 /// sweeper shrinks the core's tables and has the allocator give free pages back, so that RSS returns
@@ -271,6 +288,7 @@ impl Core {
             closed_since_trim: 0,
             closed_at_last_sweep: 0,
             trim_due: false,
+            verified: VerifyCache::new(VERIFY_CACHE),
         }
     }
 
@@ -290,6 +308,32 @@ impl Core {
             .map(|d| d.as_nanos() as u64)
             .unwrap_or(0);
         Utf8Bytes::copy_from_str(&format!("auto-{}-{:x}-{}", self.id, nanos, self.assigned_ids))
+    }
+
+    /// Whether the CONNECT's credentials admit it on a listener with `allow_anonymous`: a client without
+    /// a username needs `allow_anonymous`; one with a username is checked against the password file
+    /// when there is one (and, as in mosquitto, needs `allow_anonymous` when there is none).
+    pub fn authenticate(&mut self, c: &Connect, allow_anonymous: bool) -> bool {
+        match (&c.username, &self.settings.passwords) {
+            (Some(user), Some(file)) => {
+                let password = c.password.as_deref().unwrap_or_default();
+                self.verified.verify(file, user.as_str(), password)
+            }
+            _ => allow_anonymous,
+        }
+    }
+
+    /// Applies reloaded password and ACL files (SIGHUP). Connections stay up. Subscriptions were granted
+    /// under the old ACL, so from now on every delivery to an existing session is checked against the
+    /// new one (`check_reads`), not only those of clients with deny rules.
+    pub fn reload_auth(&mut self, files: AuthFiles) {
+        self.settings.passwords = files.passwords;
+        self.settings.acl = files.acl;
+        self.verified.clear();
+        let acl = self.settings.acl.is_some();
+        for (_, se) in self.sessions.iter_mut() {
+            se.check_reads = acl;
+        }
     }
 
     /// Starts tracking a new connection; it must send CONNECT within `connect_timeout`.
@@ -335,7 +379,7 @@ impl Core {
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
     pub fn connect(&mut self, key: usize, c: Connect) {
-        let Connect { clean_session, keep_alive, client_id, will, .. } = c;
+        let Connect { clean_session, keep_alive, client_id, will, username, .. } = c;
         let mut session_present = false;
         if let Some(&skey) = self.by_client.get(&client_id) {
             // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
@@ -354,7 +398,13 @@ impl Core {
             Some(&skey) => skey,
             None => {
                 let s = Session::new(client_id.clone(), clean_session, self.settings.limits);
-                let skey = self.sessions.insert(SessionEntry { session: s, conn: None, congested: None });
+                let skey = self.sessions.insert(SessionEntry {
+                    session: s,
+                    conn: None,
+                    congested: None,
+                    username: None,
+                    check_reads: false,
+                });
                 self.by_client.insert(client_id, skey);
                 skey
             }
@@ -366,6 +416,12 @@ impl Core {
         let ctl = entry.ctl.clone();
         let Some(se) = self.sessions.get_mut(skey) else { return };
         se.conn = Some(key);
+        if let Some(acl) = &self.settings.acl {
+            // Sticky: a resumed session may hold subscriptions granted under an ACL since reloaded.
+            se.check_reads = se.check_reads
+                || acl.has_deny_for(username.as_ref().map(|u| u.as_str()), se.session.client_id.as_str());
+        }
+        se.username = username;
         {
             let mut out = ctl.outbox.borrow_mut();
             out.push_back(OutFrame::Control(Packet::ConnAck(ConnAck {
@@ -447,9 +503,14 @@ impl Core {
         Flow::Continue
     }
 
-    /// Acknowledges and routes a valid PUBLISH.
+    /// Acknowledges a valid PUBLISH and routes it if the ACL lets this client publish to its topic. A
+    /// denied one is still acknowledged (3.1.1 has no way to refuse it; mosquitto does the same).
     fn accept_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) {
         self.stats.msgs_in += 1;
+        let allowed = self.may_publish(skey, p.topic.as_str());
+        if !allowed {
+            self.stats.denied += 1;
+        }
         let route = match p.qos {
             QoS::AtMostOnce => true,
             QoS::AtLeastOnce => {
@@ -462,10 +523,23 @@ impl Core {
                 first
             }
         };
-        if route {
+        if route && allowed {
             let msg =
                 Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
             self.publish(msg);
+        }
+    }
+
+    /// The ACL's write check for the client of session `skey`.
+    fn may_publish(&self, skey: usize, topic: &str) -> bool {
+        match (&self.settings.acl, self.sessions.get(skey)) {
+            (None, _) => true,
+            (Some(acl), Some(se)) => acl.can_publish(
+                se.username.as_ref().map(|u| u.as_str()),
+                se.session.client_id.as_str(),
+                topic,
+            ),
+            (Some(_), None) => false,
         }
     }
 
@@ -642,6 +716,14 @@ impl Core {
         compact: &mut Option<Message>,
     ) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
+        if se.check_reads {
+            if let Some(acl) = &self.settings.acl {
+                let user = se.username.as_ref().map(|u| u.as_str());
+                if !acl.can_read(user, se.session.client_id.as_str(), msg.topic.as_str()) {
+                    return;
+                }
+            }
+        }
         let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
         match (&ctl, qos) {
             (Some(ctl), QoS::AtMostOnce) => {
@@ -712,6 +794,18 @@ impl Core {
         for f in sub.filters {
             let filter = f.filter.as_str();
             if !valid_topic_filter(filter) || level_count(filter) > self.settings.max_topic_levels {
+                codes.push(SubAckCode::Failure);
+                continue;
+            }
+            let denied = match (&self.settings.acl, self.sessions.get(skey)) {
+                (Some(acl), Some(se)) => {
+                    let user = se.username.as_ref().map(|u| u.as_str());
+                    !acl.can_subscribe(user, se.session.client_id.as_str(), filter)
+                }
+                _ => false,
+            };
+            if denied {
+                self.stats.denied += 1;
                 codes.push(SubAckCode::Failure);
                 continue;
             }
@@ -824,6 +918,11 @@ impl Core {
         } else {
             entry.ctl.close();
         }
+        // Checked now: a clean session (and its username) is gone once the connection is detached.
+        let will_allowed = match (&entry.will, entry.session) {
+            (Some(w), Some(skey)) if !graceful => self.may_publish(skey, w.topic.as_str()),
+            _ => true,
+        };
         if let Some(skey) = entry.session {
             let attached = self.sessions.get(skey).is_some_and(|s| s.conn == Some(key));
             if attached {
@@ -840,6 +939,10 @@ impl Core {
         }
         if let (false, Some(w)) = (graceful, entry.will) {
             self.stats.msgs_in += 1;
+            if !will_allowed {
+                self.stats.denied += 1;
+                return;
+            }
             self.publish(Message {
                 topic: w.topic,
                 payload: w.payload,

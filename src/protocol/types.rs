@@ -119,12 +119,12 @@ pub struct Connect {
 }
 
 impl Connect {
-    /// Gives the fields kept after CONNECT (client id, will) allocations of their own and drops the
-    /// credentials. Decoded strings are slices of the read buffer; a session keeps its client id for
-    /// its whole life and must not pin that buffer.
+    /// Gives the fields kept after CONNECT (client id, username, will) allocations of their own and
+    /// drops the password. Decoded strings are slices of the read buffer; a session keeps its client id
+    /// (and the username, for the ACL) for its whole life and must not pin that buffer.
     pub fn detach(&mut self) {
         self.client_id = Utf8Bytes::copy_from_str(self.client_id.as_str());
-        self.username = None;
+        self.username = self.username.as_ref().map(|u| Utf8Bytes::copy_from_str(u.as_str()));
         self.password = None;
         if let Some(w) = &mut self.will {
             w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());

@@ -41,10 +41,9 @@ fn prepare_read(buf: &mut BytesMut, want: usize, max_packet: usize) {
     }
 }
 
-/// A new connection on the core that accepted it: waits for CONNECT, checks it, then either serves it
-/// here or hands it to the home core of its client id. With `allow_anonymous` false every client is
-/// refused with CONNACK 0x05, as mosquitto does when no password file is configured (authentication
-/// arrives with password files).
+/// A new connection on the core that accepted it: waits for CONNECT, authenticates and checks it, then
+/// either serves it here or hands it to the home core of its client id. A client the listener's
+/// `allow_anonymous` and the password file do not admit gets CONNACK 0x05.
 pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool, permit: ConnPermit) {
     let conn = Rc::new(conn);
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
@@ -84,9 +83,13 @@ pub async fn serve_new(core: CoreRef, conn: Conn, allow_anonymous: bool, permit:
         }
     };
     let mut connect = connect;
-    if !allow_anonymous {
-        let code = ConnectReturnCode::NotAuthorized;
-        return refuse(&core, key, &ctl, &conn, Some(code), Some("not authorized")).await;
+    // On the accepting core, before any session work: a refused client costs its home core nothing.
+    if !core.borrow_mut().authenticate(&connect, allow_anonymous) {
+        let (code, reason) = match connect.username {
+            Some(_) => (ConnectReturnCode::NotAuthorized, "bad username or password"),
+            None => (ConnectReturnCode::NotAuthorized, "anonymous not allowed"),
+        };
+        return refuse(&core, key, &ctl, &conn, Some(code), Some(reason)).await;
     }
     if !permit.granted() {
         let code = ConnectReturnCode::ServerUnavailable;

@@ -6,12 +6,13 @@ mod conn;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::auth::AuthFiles;
 use crate::config::ListenerConfig;
 use crate::core::{ConnCtl, Core, Settings};
 use crate::io::{self, Listener};
@@ -59,6 +60,8 @@ pub struct CoreSetup {
     pub ready: Sender<Result<(), String>>,
     /// Receives the core's statistics when it stops.
     pub done: Sender<(usize, Stats)>,
+    /// New password and ACL files after a SIGHUP; the sweeper applies them.
+    pub reload: Receiver<AuthFiles>,
 }
 
 /// Schedules the tick task if a cross-core wake-up is owed. The tick task runs after the tasks that are
@@ -122,11 +125,14 @@ async fn room_task(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
     }
 }
 
-async fn sweeper(core: CoreRef) {
+async fn sweeper(core: CoreRef, reload: Receiver<AuthFiles>) {
     loop {
         io::sleep(SWEEP_INTERVAL).await;
         {
             let mut c = core.borrow_mut();
+            while let Ok(files) = reload.try_recv() {
+                c.reload_auth(files);
+            }
             c.sweep(Instant::now());
             c.end_batch();
         }
@@ -188,7 +194,7 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
 
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
-    let CoreSetup { id, settings, mesh, listeners, limits, ready, done } = setup;
+    let CoreSetup { id, settings, mesh, listeners, limits, ready, done, reload } = setup;
     let mut bound = Vec::new();
     for lc in &listeners {
         match Listener::bind(lc.bind) {
@@ -209,7 +215,7 @@ pub async fn run_core(setup: CoreSetup) {
     for (index, (l, allow_anonymous)) in bound.into_iter().enumerate() {
         io::spawn_local(accept_loop(core.clone(), l, index, allow_anonymous, limits.clone()));
     }
-    io::spawn_local(sweeper(core.clone()));
+    io::spawn_local(sweeper(core.clone(), reload));
     io::spawn_local(tick_task(core.clone()));
     io::spawn_local(room_task(core.clone(), signals.clone(), id));
     let _ = ready.send(Ok(()));

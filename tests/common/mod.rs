@@ -500,11 +500,13 @@ pub struct ClientOpts {
     pub keep_alive: u64,
     /// Optional will: (topic, payload, qos, retain).
     pub will: Option<(String, Vec<u8>, QoS, bool)>,
+    /// Optional user name and password.
+    pub credentials: Option<(String, String)>,
 }
 
 impl Default for ClientOpts {
     fn default() -> Self {
-        ClientOpts { clean: true, keep_alive: 30, will: None }
+        ClientOpts { clean: true, keep_alive: 30, will: None, credentials: None }
     }
 }
 
@@ -537,6 +539,9 @@ pub async fn client_with(port: u16, id: &str, o: ClientOpts) -> Client {
     mo.set_inflight(100);
     if let Some((t, p, q, r)) = o.will {
         mo.set_last_will(LastWill::new(t, p, q, r));
+    }
+    if let Some((u, p)) = o.credentials {
+        mo.set_credentials(u, p);
     }
     let (client, eventloop) = AsyncClient::new(mo, 1024);
     let (pub_tx, publishes) = mpsc::unbounded_channel();

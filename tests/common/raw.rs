@@ -338,6 +338,9 @@ pub struct Connect {
     pub keep_alive: u16,
     /// Will: (topic, payload, qos, retain).
     pub will: Option<(String, Vec<u8>, u8, bool)>,
+    /// User name and password.
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
 }
 
 impl Connect {
@@ -350,6 +353,8 @@ impl Connect {
             clean,
             keep_alive: 60,
             will: None,
+            username: None,
+            password: None,
         }
     }
 
@@ -368,11 +373,23 @@ impl Connect {
                 flags |= 0x20;
             }
         }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
         b.push(flags);
         b.extend_from_slice(&self.keep_alive.to_be_bytes());
         string(self.client_id.as_bytes(), &mut b);
         if let Some((t, p, _, _)) = &self.will {
             string(t.as_bytes(), &mut b);
+            string(p, &mut b);
+        }
+        if let Some(u) = &self.username {
+            string(u.as_bytes(), &mut b);
+        }
+        if let Some(p) = &self.password {
             string(p, &mut b);
         }
         packet(0x10, &b)
