@@ -19,6 +19,7 @@ use crate::auth::password::PasswordFile;
 use crate::auth::AuthFiles;
 use crate::cli::Cli;
 use crate::cpus;
+use crate::tls::TlsFiles;
 
 /// At most this many worker threads: the core ids are kept in a 64-bit mask.
 pub const MAX_THREADS: usize = 64;
@@ -124,11 +125,13 @@ pub struct ListenerConfig {
     pub allow_anonymous: bool,
     /// Connections this listener serves at once, across all cores; 0 = no limit of its own.
     pub max_connections: usize,
+    /// `protocol = "mqtts"`: the TLS files; `None` for plain `mqtt`.
+    pub tls: Option<TlsFiles>,
 }
 
 impl ListenerConfig {
     fn new(bind: SocketAddr) -> Self {
-        ListenerConfig { bind, allow_anonymous: true, max_connections: 0 }
+        ListenerConfig { bind, allow_anonymous: true, max_connections: 0, tls: None }
     }
 }
 
@@ -323,6 +326,11 @@ struct RawListener {
     bind: Option<Spanned<Value>>,
     allow_anonymous: Option<Spanned<Value>>,
     max_connections: Option<Spanned<Value>>,
+    protocol: Option<Spanned<Value>>,
+    tls_cert: Option<Spanned<Value>>,
+    tls_key: Option<Spanned<Value>>,
+    tls_client_ca: Option<Spanned<Value>>,
+    use_identity_as_username: Option<Spanned<Value>>,
 }
 
 /// An integer setting's accepted range and how to say it.
@@ -638,11 +646,77 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
                     .unwrap_or(usize::MAX),
                 None => 0,
             };
-            listeners.push(ListenerConfig { bind: addr, allow_anonymous, max_connections });
+            let tls = listener_tls(&ctx, &name, table, path)?;
+            listeners.push(ListenerConfig { bind: addr, allow_anonymous, max_connections, tls });
         }
         layer.listeners = Some(listeners);
     }
     Ok(layer)
+}
+
+/// The TLS part of one `[[listener]]`: `protocol`, and the `tls_*` keys `mqtts` needs (paths relative to
+/// the config file). The files are read and checked here, so a bad one stops the broker at startup.
+fn listener_tls(
+    ctx: &FileCtx,
+    name: &str,
+    table: &Spanned<RawListener>,
+    path: &Path,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let entry = table.get_ref();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let file = |key: &str, v: &Option<Spanned<Value>>| -> Result<Option<(PathBuf, Origin)>, ConfigError> {
+        match v {
+            Some(v) => {
+                let (s, origin) = ctx.string(&format!("{name}.{key}"), v)?;
+                Ok(Some((dir.join(s), origin)))
+            }
+            None => Ok(None),
+        }
+    };
+    let tls = match &entry.protocol {
+        Some(v) => {
+            let (s, origin) = ctx.string(&format!("{name}.protocol"), v)?;
+            match s {
+                "mqtt" => false,
+                "mqtts" => true,
+                other => return Err(origin.error(format!("\"{other}\" is not one of \"mqtt\", \"mqtts\""))),
+            }
+        }
+        None => false,
+    };
+    let cert = file("tls_cert", &entry.tls_cert)?;
+    let key = file("tls_key", &entry.tls_key)?;
+    let client_ca = file("tls_client_ca", &entry.tls_client_ca)?;
+    let identity = match &entry.use_identity_as_username {
+        Some(v) => Some((
+            ctx.bool(&format!("{name}.use_identity_as_username"), v)?,
+            ctx.origin(&format!("{name}.use_identity_as_username"), v.span()),
+        )),
+        None => None,
+    };
+    if !tls {
+        let stray = [("tls_cert", &cert), ("tls_key", &key), ("tls_client_ca", &client_ca)];
+        if let Some((k, Some((_, origin)))) = stray.into_iter().find(|(_, f)| f.is_some()) {
+            return Err(origin.error(format!("{k} needs protocol = \"mqtts\" in this listener")));
+        }
+        if let Some((true, origin)) = identity {
+            return Err(origin.error("needs protocol = \"mqtts\" and tls_client_ca in this listener"));
+        }
+        return Ok(None);
+    }
+    let (Some((cert, origin)), Some((key, _))) = (cert, key) else {
+        return Err(ctx.origin(name, table.span()).error("protocol = \"mqtts\" needs tls_cert and tls_key"));
+    };
+    let use_identity_as_username = match identity {
+        Some((true, o)) if client_ca.is_none() => {
+            return Err(o.error("needs tls_client_ca: the identity is the client certificate's"))
+        }
+        Some((v, _)) => v,
+        None => false,
+    };
+    let files = TlsFiles { cert, key, client_ca: client_ca.map(|(p, _)| p), use_identity_as_username };
+    crate::tls::server_config(&files).map_err(|m| origin.error(m))?;
+    Ok(Some(files))
 }
 
 /// Applies the flags over the file's layer.
@@ -870,7 +944,12 @@ mod tests {
         assert_eq!(c.backend, BackendChoice::Auto);
         assert_eq!(
             c.listeners,
-            vec![ListenerConfig { bind: addr("127.0.0.1:1883"), allow_anonymous: true, max_connections: 0 }]
+            vec![ListenerConfig {
+                bind: addr("127.0.0.1:1883"),
+                allow_anonymous: true,
+                max_connections: 0,
+                tls: None
+            }]
         );
         assert!(c.default_listener);
         assert_eq!(c.connect_timeout, Duration::from_secs(10));
@@ -946,9 +1025,24 @@ bind = "localhost:1884"
         assert_eq!(
             c.listeners,
             vec![
-                ListenerConfig { bind: addr("0.0.0.0:1883"), allow_anonymous: true, max_connections: 0 },
-                ListenerConfig { bind: addr("[::1]:8883"), allow_anonymous: false, max_connections: 0 },
-                ListenerConfig { bind: addr("127.0.0.1:1884"), allow_anonymous: true, max_connections: 0 },
+                ListenerConfig {
+                    bind: addr("0.0.0.0:1883"),
+                    allow_anonymous: true,
+                    max_connections: 0,
+                    tls: None
+                },
+                ListenerConfig {
+                    bind: addr("[::1]:8883"),
+                    allow_anonymous: false,
+                    max_connections: 0,
+                    tls: None
+                },
+                ListenerConfig {
+                    bind: addr("127.0.0.1:1884"),
+                    allow_anonymous: true,
+                    max_connections: 0,
+                    tls: None
+                },
             ]
         );
     }
@@ -1273,6 +1367,28 @@ bind = "0.0.0.0:1883"
                  same port) (line 2)",
             ),
             ("allow_anonymous = true", "key \"listener[1]\": missing key \"bind\" (HOST:PORT) (line 1)"),
+            (
+                "bind = \"127.0.0.1:1\"\nprotocol = \"tls\"",
+                "key \"listener[1].protocol\": \"tls\" is not one of \"mqtt\", \"mqtts\" (line 3)",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nprotocol = \"mqtts\"",
+                "key \"listener[1]\": protocol = \"mqtts\" needs tls_cert and tls_key (line 1)",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\ntls_cert = \"c.pem\"",
+                "key \"listener[1].tls_cert\": tls_cert needs protocol = \"mqtts\" in this listener (line 3)",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nprotocol = \"mqtts\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n\
+                 use_identity_as_username = true",
+                "key \"listener[1].use_identity_as_username\": needs tls_client_ca: the identity is the client \
+                 certificate's (line 6)",
+            ),
+            (
+                "bind = \"127.0.0.1:1\"\nprotocol = \"mqtts\"\ntls_cert = \"c.pem\"\ntls_key = \"k.pem\"",
+                "key \"listener[1].tls_cert\": cannot read c.pem: No such file or directory (os error 2) (line 4)",
+            ),
         ];
         for (body, want) in cases {
             let text = format!("[[listener]]\n{body}\n");
@@ -1376,6 +1492,11 @@ bind = "0.0.0.0:1883"
             "allow_anonymous",
             "max_connections",
             "slow_subscriber",
+            "protocol",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+            "use_identity_as_username",
             "[auth]",
             "password_file",
             "acl_file",

@@ -17,5 +17,6 @@ pub mod protocol;
 pub mod server;
 pub mod session;
 pub mod stats;
+pub mod tls;
 pub mod topic;
 pub mod xcore;

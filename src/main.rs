@@ -2,20 +2,19 @@
 
 use std::process::exit;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use clap::Parser as _;
 
-use coremq::auth::AuthFiles;
 use coremq::cli::{Cli, Command};
 use coremq::config::{self, BackendChoice, Config, SlowSubscriberChoice};
 use coremq::core::{Settings, SlowSubscriber};
 use coremq::io::{self, Backend};
-use coremq::server::{self, CoreSetup, SHUTDOWN};
+use coremq::server::{self, CoreSetup, Reload, SHUTDOWN};
 use coremq::session::Limits;
 use coremq::stats::Stats;
-use coremq::{cpus, xcore};
+use coremq::{cpus, tls, xcore};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -123,28 +122,40 @@ fn settings(cfg: &Config) -> Settings {
     }
 }
 
-/// SIGHUP: re-reads the password and ACL files and hands each core its own copy. Connections stay up; a
-/// file that no longer loads leaves every core on what it had, and says so in one line.
-fn reload(cfg: &Config, cores: &[mpsc::Sender<AuthFiles>]) {
-    match config::reload_auth(cfg) {
-        Ok(files) => {
-            let mut what = Vec::new();
-            if let (Some((path, _)), Some(p)) = (&cfg.password_file, &files.passwords) {
-                what.push(format!("password file {} ({} users)", path.display(), p.len()));
-            }
-            if let Some((path, _)) = &cfg.acl_file {
-                what.push(format!("ACL file {}", path.display()));
-            }
-            for tx in cores {
-                let _ = tx.send(files.clone());
-            }
-            if what.is_empty() {
-                eprintln!("coremq: SIGHUP: no password or ACL file configured; nothing to reload");
-            } else {
-                eprintln!("coremq: SIGHUP: reloaded {}", what.join(" and "));
-            }
-        }
-        Err(e) => eprintln!("coremq: SIGHUP: reload failed, keeping the previous files: {e}"),
+/// One TLS configuration per listener (`None` for plain ones), built afresh for one core.
+fn tls_configs(cfg: &Config) -> Result<Vec<Option<Arc<rustls::ServerConfig>>>, String> {
+    cfg.listeners.iter().map(|l| l.tls.as_ref().map(tls::server_config).transpose()).collect()
+}
+
+/// SIGHUP: re-reads the password, ACL and TLS files and hands each core its own copy. Connections stay
+/// up; if any file no longer loads, every core keeps what it had, and one line says why.
+fn reload(cfg: &Config, cores: &[mpsc::Sender<Reload>]) {
+    let loaded = config::reload_auth(cfg).and_then(|auth| {
+        let tls = (0..cores.len()).map(|_| tls_configs(cfg)).collect::<Result<Vec<_>, _>>()?;
+        Ok((auth, tls))
+    });
+    let (auth, tls) = match loaded {
+        Ok(l) => l,
+        Err(e) => return eprintln!("coremq: SIGHUP: reload failed, keeping the previous files: {e}"),
+    };
+    let mut what = Vec::new();
+    if let (Some((path, _)), Some(p)) = (&cfg.password_file, &auth.passwords) {
+        what.push(format!("password file {} ({} users)", path.display(), p.len()));
+    }
+    if let Some((path, _)) = &cfg.acl_file {
+        what.push(format!("ACL file {}", path.display()));
+    }
+    let certs = cfg.listeners.iter().filter(|l| l.tls.is_some()).count();
+    if certs > 0 {
+        what.push(format!("TLS files of {certs} listener(s)"));
+    }
+    for (tx, tls) in cores.iter().zip(tls) {
+        let _ = tx.send(Reload { auth: auth.clone(), tls });
+    }
+    if what.is_empty() {
+        eprintln!("coremq: SIGHUP: no password, ACL or TLS file configured; nothing to reload");
+    } else {
+        eprintln!("coremq: SIGHUP: reloaded {}", what.join(" and "));
     }
 }
 
@@ -182,6 +193,8 @@ fn main() {
     for (id, mesh) in meshes.into_iter().enumerate() {
         let (reload_tx, reload_rx) = mpsc::channel();
         reloads.push(reload_tx);
+        // Checked once already by config::load; a file changed since then is a startup error here.
+        let tls = tls_configs(&cfg).unwrap_or_else(|e| fail(e));
         let setup = CoreSetup {
             id,
             settings: settings(&cfg),
@@ -190,6 +203,7 @@ fn main() {
             limits: limits.clone(),
             ready: ready_tx.clone(),
             done: done_tx.clone(),
+            tls,
             reload: reload_rx,
         };
         let cpu = cfg.cpus.as_ref().and_then(|c| c.get(id).copied());
@@ -222,7 +236,8 @@ fn main() {
         .map(|l| {
             let anon =
                 if l.allow_anonymous { "anonymous clients allowed" } else { "anonymous clients refused" };
-            format!("{} ({anon})", l.bind)
+            let proto = if l.tls.is_some() { "mqtts, " } else { "" };
+            format!("{} ({proto}{anon})", l.bind)
         })
         .collect();
     match raise_open_files_limit() {

@@ -30,7 +30,7 @@ use crate::protocol::{
 use crate::session::{Delivered, Limits, Message, OutFrame, Outbox, Session};
 use crate::stats::Stats;
 use crate::topic::{level_count, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
-use crate::xcore::{ConnPermit, Mesh, XMsg};
+use crate::xcore::{Handoff, Mesh, XMsg};
 
 /// Broker-wide settings every core reads (a copy per core).
 #[derive(Clone, Debug)]
@@ -213,7 +213,7 @@ pub struct Core {
     dirty: Vec<Rc<ConnCtl>>,
     pub stats: Stats,
     /// Connections handed to this core, waiting for the runtime to spawn their tasks.
-    pub handoffs: Vec<(std::net::TcpStream, Box<Connect>, BytesMut, ConnPermit)>,
+    pub handoffs: Vec<Handoff>,
     inbound: Vec<XMsg>,
     assigned_ids: u64,
     /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
@@ -1023,9 +1023,7 @@ impl Core {
                         self.retry_held = true;
                     }
                 }
-                XMsg::Handoff { stream, connect, buffered, permit } => {
-                    self.handoffs.push((stream, connect, buffered, permit))
-                }
+                XMsg::Handoff(h) => self.handoffs.push(h),
             }
         }
         self.inbound = batch;

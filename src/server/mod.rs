@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use rustls::ServerConfig;
+
 use crate::auth::AuthFiles;
 use crate::config::ListenerConfig;
 use crate::core::{ConnCtl, Core, Settings};
@@ -35,6 +37,14 @@ pub struct CoreCell {
     /// Readers paused by a full ring or a full hold (pause policy) wait here; whoever frees either
     /// wakes them all.
     unblocked: Notify,
+    /// This core's TLS configuration of each listener (`None` for plain ones), replaced on SIGHUP.
+    tls: RefCell<Vec<Option<Arc<ServerConfig>>>>,
+}
+
+/// What a SIGHUP hands each core: the password and ACL files and its own TLS configurations.
+pub struct Reload {
+    pub auth: AuthFiles,
+    pub tls: Vec<Option<Arc<ServerConfig>>>,
 }
 
 pub type CoreRef = Rc<CoreCell>;
@@ -60,8 +70,10 @@ pub struct CoreSetup {
     pub ready: Sender<Result<(), String>>,
     /// Receives the core's statistics when it stops.
     pub done: Sender<(usize, Stats)>,
-    /// New password and ACL files after a SIGHUP; the sweeper applies them.
-    pub reload: Receiver<AuthFiles>,
+    /// This core's TLS configuration of each listener, in `listeners` order.
+    pub tls: Vec<Option<Arc<ServerConfig>>>,
+    /// New password, ACL and TLS files after a SIGHUP; the sweeper applies them.
+    pub reload: Receiver<Reload>,
 }
 
 /// Schedules the tick task if a cross-core wake-up is owed. The tick task runs after the tasks that are
@@ -81,8 +93,8 @@ fn after_batch(core: &CoreRef) {
         core.unblocked.notify_waiters();
     }
     let handoffs = std::mem::take(&mut core.borrow_mut().handoffs);
-    for (stream, connect, buf, permit) in handoffs {
-        io::spawn_local(conn::serve_handoff(core.clone(), stream, connect, buf, permit));
+    for h in handoffs {
+        io::spawn_local(conn::serve_handoff(core.clone(), h));
     }
 }
 
@@ -125,13 +137,15 @@ async fn room_task(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
     }
 }
 
-async fn sweeper(core: CoreRef, reload: Receiver<AuthFiles>) {
+async fn sweeper(core: CoreRef, reload: Receiver<Reload>) {
     loop {
         io::sleep(SWEEP_INTERVAL).await;
         {
             let mut c = core.borrow_mut();
-            while let Ok(files) = reload.try_recv() {
-                c.reload_auth(files);
+            while let Ok(r) = reload.try_recv() {
+                c.reload_auth(r.auth);
+                // New connections use the new certificates; established ones keep their sessions.
+                *core.tls.borrow_mut() = r.tls;
             }
             c.sweep(Instant::now());
             c.end_batch();
@@ -147,14 +161,23 @@ async fn accept_loop(
     core: CoreRef,
     listener: Listener,
     index: usize,
-    allow_anonymous: bool,
+    config: ListenerConfig,
     limits: Arc<ConnLimits>,
 ) {
+    let identity_as_username = config.tls.as_ref().is_some_and(|t| t.use_identity_as_username);
     loop {
         match listener.accept().await {
             Ok((conn, _peer)) => {
                 let permit = limits.acquire(index);
-                io::spawn_local(conn::serve_new(core.clone(), conn, allow_anonymous, permit))
+                let tls = core.tls.borrow().get(index).cloned().flatten();
+                let transport = conn::Transport { tls, identity_as_username };
+                io::spawn_local(conn::serve_new(
+                    core.clone(),
+                    conn,
+                    config.allow_anonymous,
+                    transport,
+                    permit,
+                ))
             }
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning; never exit.
@@ -194,11 +217,11 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
 
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
-    let CoreSetup { id, settings, mesh, listeners, limits, ready, done, reload } = setup;
+    let CoreSetup { id, settings, mesh, listeners, limits, ready, done, tls, reload } = setup;
     let mut bound = Vec::new();
     for lc in &listeners {
         match Listener::bind(lc.bind) {
-            Ok(l) => bound.push((l, lc.allow_anonymous)),
+            Ok(l) => bound.push((l, lc.clone())),
             Err(e) => {
                 let _ = ready.send(Err(format!("cannot listen on {}: {e}", lc.bind)));
                 return;
@@ -211,9 +234,10 @@ pub async fn run_core(setup: CoreSetup) {
         tick: Notify::new(),
         tick_scheduled: Cell::new(false),
         unblocked: Notify::new(),
+        tls: RefCell::new(tls),
     });
-    for (index, (l, allow_anonymous)) in bound.into_iter().enumerate() {
-        io::spawn_local(accept_loop(core.clone(), l, index, allow_anonymous, limits.clone()));
+    for (index, (l, config)) in bound.into_iter().enumerate() {
+        io::spawn_local(accept_loop(core.clone(), l, index, config, limits.clone()));
     }
     io::spawn_local(sweeper(core.clone(), reload));
     io::spawn_local(tick_task(core.clone()));

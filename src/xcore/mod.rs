@@ -37,8 +37,20 @@ pub enum XMsg {
     /// PUBLISHes matching `filter` are held before acknowledgement while any `key` has it on.
     Congestion { key: u64, filter: Box<str>, on: bool },
     /// A connection whose CONNECT arrived on the sending core but whose session lives on the destination
-    /// core (the home core of its client id). `buffered` holds bytes read after the CONNECT.
-    Handoff { stream: std::net::TcpStream, connect: Box<Connect>, buffered: BytesMut, permit: ConnPermit },
+    /// core (the home core of its client id).
+    Handoff(Handoff),
+}
+
+/// A connection moving to its home core, with everything read from it so far.
+#[derive(Debug)]
+pub struct Handoff {
+    pub stream: std::net::TcpStream,
+    pub connect: Box<Connect>,
+    /// Plaintext read after the CONNECT.
+    pub buffered: BytesMut,
+    pub permit: ConnPermit,
+    /// The TLS session of an `mqtts` connection (keys, sequence numbers, decrypted bytes not read yet).
+    pub tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// Connection counts against `max_connections`, global and per listener, shared by every core: a core
