@@ -2,9 +2,12 @@
 # Runs coremq and mosquitto one after the other, each pinned to the same single core with the publisher
 # swarm pinned to another, over the same scenarios, and prints one table: delivered msgs/s, latency
 # percentiles, broker CPU µs per delivered message (utime+stime from /proc), broker RSS, and the
-# coremq/mosquitto ratio of each row. Then one row of coremq on 2 threads.
+# coremq/mosquitto ratio of each row. Then rows over TLS (a throwaway CA and server certificate made
+# with openssl; coremq's rustls against mosquitto's OpenSSL) and one row of coremq on 2 threads.
 #
-#   scripts/compare.sh [--duration SECS] [--quick]
+#   scripts/compare.sh [--duration SECS] [--quick] [--only REGEX]
+#
+# --only REGEX runs just the rows whose label matches (bash regex), e.g. --only TLS.
 #
 # Environment: BROKER_CPU (default 0), SWARM_CPU (default 1), PAYLOAD (default 64).
 set -euo pipefail
@@ -12,11 +15,13 @@ cd "$(dirname "$0")/.."
 
 DURATION=5
 WARMUP=1
+ONLY=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION="$2"; shift 2 ;;
     --quick) DURATION=2; WARMUP=1; shift ;;
-    *) echo "usage: $0 [--duration SECS] [--quick]" >&2; exit 2 ;;
+    --only) ONLY="$2"; shift 2 ;;
+    *) echo "usage: $0 [--duration SECS] [--quick] [--only REGEX]" >&2; exit 2 ;;
   esac
 done
 BROKER_CPU=${BROKER_CPU:-0}
@@ -53,18 +58,53 @@ wait_port() {
   echo "broker did not start on port $1" >&2; return 1
 }
 
-# start_broker NAME PORT THREADS -> sets BROKER_PID
+# selected LABEL -> true if --only lets the row run
+selected() { [ -z "$ONLY" ] || [[ $1 =~ $ONLY ]]; }
+
+# make_certs -> a throwaway CA ($WORK/tls/ca.pem) and a server certificate for IP 127.0.0.1 signed by
+# it ($WORK/tls/server.pem, server.key), made once. ECDSA P-256, as a modern deployment would use.
+TLS_DIR="$WORK/tls"
+make_certs() {
+  [ -f "$TLS_DIR/server.pem" ] && return 0
+  command -v openssl >/dev/null 2>&1 || { echo "openssl is needed for the TLS rows" >&2; return 1; }
+  mkdir -p "$TLS_DIR"
+  # The broker may drop privileges (mosquitto does, to user mosquitto) before reading its certificate.
+  chmod 755 "$WORK" "$TLS_DIR"
+  local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${ec[@]}" -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" -days 2 \
+    -subj "/CN=compare.sh throwaway CA" -addext "basicConstraints=critical,CA:TRUE" \
+    -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+  openssl req -new "${ec[@]}" -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" \
+    -subj "/CN=127.0.0.1" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n' \
+    >"$TLS_DIR/server.ext"
+  openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 2 -extfile "$TLS_DIR/server.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
+  chmod 644 "$TLS_DIR/server.key"
+}
+
+# start_broker NAME PORT THREADS TLS(0|1) -> sets BROKER_PID
 start_broker() {
-  local name=$1 port=$2 threads=$3
+  local name=$1 port=$2 threads=$3 tls=$4
   case "$name" in
     coremq)
       local cpus="$BROKER_CPU"
       [ "$threads" -gt 1 ] && cpus="0-$((threads - 1))"
-      "$COREMQ" --listen "127.0.0.1:$port" --threads "$threads" --cpus "$cpus" \
+      local listen=(--listen "127.0.0.1:$port")
+      if [ "$tls" = 1 ]; then
+        # TLS listeners exist only in the config file; the flags below still set the rest.
+        printf '[[listener]]\nbind = "127.0.0.1:%s"\nprotocol = "mqtts"\ntls_cert = "%s"\ntls_key = "%s"\n' \
+          "$port" "$TLS_DIR/server.pem" "$TLS_DIR/server.key" >"$WORK/coremq.toml"
+        listen=(--config "$WORK/coremq.toml")
+      fi
+      "$COREMQ" "${listen[@]}" --threads "$threads" --cpus "$cpus" \
         --max-queued-messages 100000 >"$WORK/broker.out" 2>"$WORK/broker.err" &
       BROKER_PID=$! ;;
     mosquitto)
       printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n' "$port" >"$WORK/mosq.conf"
+      if [ "$tls" = 1 ]; then
+        printf 'certfile %s\nkeyfile %s\n' "$TLS_DIR/server.pem" "$TLS_DIR/server.key" >>"$WORK/mosq.conf"
+      fi
       taskset -c "$BROKER_CPU" "$MOSQUITTO" -c "$WORK/mosq.conf" >"$WORK/broker.out" 2>&1 &
       BROKER_PID=$! ;;
   esac
@@ -73,11 +113,13 @@ start_broker() {
 
 stop_broker() { kill -TERM "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true; }
 
-# run_one BROKER THREADS LABEL SWARM-ARGS... -> appends a JSON row to $WORK/rows
+# run_one BROKER THREADS TLS(0|1) LABEL SWARM-ARGS... -> appends a JSON row to $WORK/rows
 run_one() {
-  local broker=$1 threads=$2 label=$3; shift 3
+  local broker=$1 threads=$2 tls=$3 label=$4; shift 4
   local port; port=$(free_port)
-  start_broker "$broker" "$port" "$threads"
+  start_broker "$broker" "$port" "$threads" "$tls"
+  local tls_args=()
+  [ "$tls" = 1 ] && tls_args=(--tls-ca "$TLS_DIR/ca.pem")
   local t0 base json
   t0=$(cpu_ticks "$BROKER_PID")
   base=$(rss_kb "$BROKER_PID")
@@ -87,7 +129,7 @@ run_one() {
       sleep 0.1; done ) &
   local sampler=$!
   json=$("$SWARM" --port "$port" --cpus "$SWARM_CPU" --threads 1 --payload "$PAYLOAD" \
-           --duration "$DURATION" --warmup "$WARMUP" --json "$@" 2>"$WORK/swarm.err" | grep '^{"scenario"' || true)
+           --duration "$DURATION" --warmup "$WARMUP" --json "${tls_args[@]}" "$@" 2>"$WORK/swarm.err" | grep '^{"scenario"' || true)
   local t1 rss
   t1=$(cpu_ticks "$BROKER_PID")
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
@@ -95,7 +137,7 @@ run_one() {
   rm -f "$WORK/peak"
   stop_broker
   if [ -z "$json" ]; then
-    echo "swarm failed for $broker $label:" >&2; tail -3 "$WORK/swarm.err" >&2
+    echo "swarm failed for $broker $label:" >&2; tail -3 "$WORK/swarm.err" >&2; tail -3 "$WORK/broker.err" >&2 2>/dev/null || true
     json='{"received":0}'
   fi
   python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$base" "$(getconf CLK_TCK)" "$json" >>"$WORK/rows" <<'EOF'
@@ -117,16 +159,35 @@ SCENARIOS=(
   "qos0 fan-in 8x20000/s->1|--scenario fan-in --qos 0 --connections 8 --rate 20000"
   "10000 idle connections|--scenario storm --connections 10000"
 )
+# Same shape as SCENARIOS; every connection goes through TLS.
+TLS_SCENARIOS=(
+  "qos0 16 pairs over TLS|--scenario pairs --qos 0 --connections 16"
+)
+touch "$WORK/rows"
 for entry in "${SCENARIOS[@]}"; do
   label=${entry%%|*}; args=${entry#*|}
+  selected "$label" || continue
   for broker in coremq mosquitto; do
     echo "== $label on $broker" >&2
     # shellcheck disable=SC2086
-    run_one "$broker" 1 "$label" $args
+    run_one "$broker" 1 0 "$label" $args
   done
 done
-echo "== qos0 fan-in 8->1 on coremq, 2 threads" >&2
-run_one coremq 2 "qos0 fan-in 8->1 (2 threads)" --scenario fan-in --qos 0 --connections 8
+for entry in "${TLS_SCENARIOS[@]}"; do
+  label=${entry%%|*}; args=${entry#*|}
+  selected "$label" || continue
+  make_certs
+  for broker in coremq mosquitto; do
+    echo "== $label on $broker" >&2
+    # shellcheck disable=SC2086
+    run_one "$broker" 1 1 "$label" $args
+  done
+done
+label="qos0 fan-in 8->1 (2 threads)"
+if selected "$label"; then
+  echo "== qos0 fan-in 8->1 on coremq, 2 threads" >&2
+  run_one coremq 2 0 "$label" --scenario fan-in --qos 0 --connections 8
+fi
 
 python3 - "$WORK/rows" <<'EOF'
 import json, sys

@@ -16,9 +16,10 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   $SUDO apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
-if ! python3 -c 'import paho.mqtt, pytest' >/dev/null 2>&1; then
-  echo "== installing paho-mqtt and pytest"
-  python3 -m pip install -q 'paho-mqtt>=2,<3' pytest
+# cryptography: the TLS test generates its certificates with it.
+if ! python3 -c 'import paho.mqtt, pytest, cryptography' >/dev/null 2>&1; then
+  echo "== installing paho-mqtt, pytest and cryptography"
+  python3 -m pip install -q 'paho-mqtt>=2,<3' pytest cryptography
 fi
 
 echo "== cargo fmt --check"

@@ -1,12 +1,14 @@
 //! Command line and its resolution into a [`Plan`]: which connections exist, what each publishes
 //! or subscribes to, and which publisher/subscriber streams the accounting expects.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use coremq::protocol::QoS;
 
 use crate::stamp::STAMP_LEN;
+use crate::tls::Tls;
 
 /// Upper bound on `--connections` / `--subscribers`: a bounded run, and far more than the
 /// machine's ephemeral ports or file descriptors allow anyway.
@@ -71,6 +73,10 @@ pub struct Args {
     /// Broker port.
     #[arg(long, default_value_t = 1883)]
     pub port: u16,
+    /// Connect over TLS, verifying the broker against the CA certificate(s) in this PEM file; the
+    /// broker's certificate must name --host (an IP SAN for an address).
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
     /// QoS of publishes and subscriptions.
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
     pub qos: u8,
@@ -138,6 +144,8 @@ pub struct Plan {
     pub scenario: Scenario,
     /// `host:port` to connect to.
     pub addr: String,
+    /// TLS for every connection (`--tls-ca`), or plain TCP.
+    pub tls: Option<Tls>,
     /// QoS of publishes and subscriptions.
     pub qos: QoS,
     /// Payload bytes per message.
@@ -206,6 +214,10 @@ impl Args {
         if !rate.is_finite() || !(0.0..=10_000_000.0).contains(&rate) {
             return Err(format!("--rate must be between 0 and 10000000 msgs/s, not {rate}"));
         }
+        let tls = match &self.tls_ca {
+            Some(ca) => Some(Tls::new(ca, &self.host)?),
+            None => None,
+        };
         let duration = secs("duration", self.duration)?;
         let warmup = secs("warmup", self.warmup)?;
         let cpus = match &self.cpus {
@@ -294,6 +306,7 @@ impl Args {
         Ok(Plan {
             scenario,
             addr: format!("{}:{}", self.host, self.port),
+            tls,
             qos,
             payload: self.payload,
             rate,
@@ -362,5 +375,7 @@ mod tests {
         assert!(plan(&["pairs", "--cpus", "3-1"]).is_err());
         assert!(plan(&["pairs", "--rate", "-1"]).is_err());
         assert_eq!(plan(&["pairs", "--cpus", "0-2"]).unwrap().threads, 3);
+        assert!(plan(&["pairs", "--tls-ca", "/nonexistent/ca.pem"]).unwrap_err().starts_with("--tls-ca "));
+        assert!(plan(&["pairs"]).unwrap().tls.is_none());
     }
 }

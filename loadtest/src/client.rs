@@ -1,7 +1,10 @@
-//! One MQTT 3.1.1 client connection: handshake, batched writes, large reads that yield many
-//! packets, and a clean close.
+//! One MQTT 3.1.1 client connection, over plain TCP or TLS: handshake, batched writes, large reads
+//! that yield many packets, and a clean close.
 
+use std::future::{poll_fn, Future};
 use std::io;
+use std::pin::pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -12,6 +15,9 @@ use coremq::protocol::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_rustls::client::TlsStream;
+
+use crate::tls::{ReadAhead, Tls};
 
 /// Read size: one read can carry hundreds of small PUBLISHes.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -40,10 +46,30 @@ fn code_text(code: ConnectReturnCode) -> &'static str {
     }
 }
 
+/// A client's byte stream. An enum rather than a trait object: the plaintext arm costs one match
+/// per read or write batch, and the TLS state (kilobytes) is boxed so plaintext connections stay
+/// small.
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS (`--tls-ca`) over a socket that reads ahead in large chunks.
+    Tls(Box<TlsStream<ReadAhead>>),
+}
+
+impl Stream {
+    /// The underlying socket.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => s.get_ref().0.tcp(),
+        }
+    }
+}
+
 /// A connected, CONNACKed client.
 pub struct Conn {
-    /// The socket; public so callers can `select!` on a read next to other events.
-    pub stream: TcpStream,
+    /// The stream; public so callers can `select!` on a read next to other events.
+    pub stream: Stream,
     /// Bytes read but not yet decoded.
     pub rbuf: BytesMut,
     /// Bytes encoded but not yet written.
@@ -51,20 +77,37 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Opens a TCP connection to `addr`, sends CONNECT (clean session, `client_id`) and waits for
-    /// an accepting CONNACK, all within `limit`. Errors are one line ("Connection refused",
+    /// Opens a TCP connection to `addr`, with a TLS handshake if `tls` is given, sends CONNECT
+    /// (clean session, `client_id`) and waits for an accepting CONNACK, all within `limit`. Errors
+    /// are one line ("Connection refused", "TLS handshake: invalid peer certificate: UnknownIssuer",
     /// "CONNACK code 5 (not authorized)", "timed out after 10 s").
-    pub async fn connect(addr: &str, client_id: &str, limit: Duration) -> Result<Conn, String> {
-        match timeout(limit, Conn::connect_inner(addr, client_id)).await {
+    pub async fn connect(
+        addr: &str,
+        tls: Option<&Tls>,
+        client_id: &str,
+        limit: Duration,
+    ) -> Result<Conn, String> {
+        match timeout(limit, Conn::connect_inner(addr, tls, client_id)).await {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {} s", limit.as_secs_f64())),
         }
     }
 
-    async fn connect_inner(addr: &str, client_id: &str) -> Result<Conn, String> {
-        let stream = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
+    async fn connect_inner(addr: &str, tls: Option<&Tls>, client_id: &str) -> Result<Conn, String> {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
         // Writes are already batched by the swarm; Nagle would only add latency to the tail.
-        stream.set_nodelay(true).map_err(|e| io_text(&e))?;
+        tcp.set_nodelay(true).map_err(|e| io_text(&e))?;
+        let stream = match tls {
+            None => Stream::Plain(tcp),
+            Some(t) => {
+                let s = t
+                    .connector
+                    .connect(t.server_name.clone(), ReadAhead::new(tcp))
+                    .await
+                    .map_err(|e| format!("TLS handshake: {}", io_text(&e)))?;
+                Stream::Tls(Box::new(s))
+            }
+        };
         let mut conn = Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -82,6 +125,11 @@ impl Conn {
         conn.queue(&Packet::Connect(Box::new(connect)));
         conn.flush().await.map_err(|e| io_text(&e))?;
         loop {
+            // 0x15/0x16 start a TLS alert/handshake record; no broker packet starts that way (they
+            // would be a CONNECT), so say what is most likely wrong instead of a decode error.
+            if tls.is_none() && matches!(conn.rbuf.first(), Some(0x15 | 0x16)) {
+                return Err("the broker answered with TLS: a TLS listener? (use --tls-ca FILE)".to_string());
+            }
             match conn.next_packet()? {
                 Some(Packet::ConnAck(ConnAck { code: ConnectReturnCode::Accepted, .. })) => return Ok(conn),
                 Some(Packet::ConnAck(ConnAck { code, .. })) => {
@@ -131,7 +179,7 @@ impl Conn {
         // size is what we pass. Failure only leaves the default buffer size, which is harmless.
         unsafe {
             libc::setsockopt(
-                self.stream.as_raw_fd(),
+                self.stream.tcp().as_raw_fd(),
                 libc::SOL_SOCKET,
                 libc::SO_SNDBUF,
                 (&v as *const libc::c_int).cast(),
@@ -148,10 +196,31 @@ impl Conn {
     /// Writes the whole write buffer in one go (as few syscalls as the kernel allows).
     pub async fn flush(&mut self) -> io::Result<()> {
         if !self.wbuf.is_empty() {
-            self.stream.write_all(&self.wbuf).await?;
+            match &mut self.stream {
+                Stream::Plain(s) => s.write_all(&self.wbuf).await?,
+                Stream::Tls(s) => {
+                    s.write_all(&self.wbuf).await?;
+                    // rustls may have accepted the tail without writing it to the socket yet.
+                    s.flush().await?;
+                }
+            }
             self.wbuf.clear();
         }
         Ok(())
+    }
+
+    /// A description of the negotiated TLS session ("TLSv1_3 TLS13_AES_256_GCM_SHA384"), if any.
+    pub fn tls_session(&self) -> Option<String> {
+        match &self.stream {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => {
+                let c = s.get_ref().1;
+                let version = c.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
+                let suite =
+                    c.negotiated_cipher_suite().map(|s| format!("{:?}", s.suite())).unwrap_or_default();
+                Some(format!("{version} {suite}"))
+            }
+        }
     }
 
     /// One read of up to [`READ_CHUNK`] bytes; the broker closing is an error.
@@ -172,7 +241,12 @@ impl Conn {
         if self.flush().await.is_err() {
             return;
         }
-        if self.stream.shutdown().await.is_err() {
+        // TLS: close_notify, then the TCP half-close.
+        let shut = match &mut self.stream {
+            Stream::Plain(s) => s.shutdown().await,
+            Stream::Tls(s) => s.shutdown().await,
+        };
+        if shut.is_err() {
             return;
         }
         let drain = async {
@@ -188,11 +262,36 @@ impl Conn {
     }
 }
 
-/// `read_buf` with room for a full chunk. Cancel-safe (tokio's `read_buf` is), so it can be a
-/// `select!` branch.
-pub async fn read_chunk(stream: &mut TcpStream, rbuf: &mut BytesMut) -> io::Result<usize> {
+/// `read_buf` with room for a full chunk. Cancel-safe (tokio's `read_buf` is, and TLS records
+/// read but not yet consumed stay in the rustls session), so it can be a `select!` branch.
+pub async fn read_chunk(stream: &mut Stream, rbuf: &mut BytesMut) -> io::Result<usize> {
     rbuf.reserve(READ_CHUNK);
-    stream.read_buf(rbuf).await
+    match stream {
+        Stream::Plain(s) => s.read_buf(rbuf).await,
+        Stream::Tls(s) => s.read_buf(rbuf).await,
+    }
+}
+
+/// One read of up to [`READ_CHUNK`] bytes only if data is there now: `Ok(None)` instead of
+/// waiting. For extra reads after an awaited one.
+pub async fn read_available(stream: &mut Stream, rbuf: &mut BytesMut) -> io::Result<Option<usize>> {
+    rbuf.reserve(READ_CHUNK);
+    match stream {
+        Stream::Plain(s) => match s.try_read_buf(rbuf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            r => r.map(Some),
+        },
+        Stream::Tls(s) => {
+            // rustls has no try_read: poll a read once. Dropping it pending is safe (see
+            // read_chunk); the waker it registered at most causes one spurious wakeup.
+            let mut read = pin!(s.read_buf(rbuf));
+            poll_fn(|cx| match read.as_mut().poll(cx) {
+                Poll::Pending => Poll::Ready(Ok(None)),
+                Poll::Ready(r) => Poll::Ready(r.map(Some)),
+            })
+            .await
+        }
+    }
 }
 
 /// Turns the result of [`read_chunk`] into "got bytes" or a one-line error.

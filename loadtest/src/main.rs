@@ -8,6 +8,7 @@ mod client;
 mod report;
 mod run;
 mod stamp;
+mod tls;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -53,9 +54,13 @@ fn main() -> ExitCode {
     if let Err(e) = raise_fd_limit(fds_needed) {
         return usage_error(&e);
     }
-    if let Err(e) = probe(&plan.addr) {
-        eprintln!("coremq-swarm: cannot connect to {}: {e}", plan.addr);
-        return ExitCode::from(2);
+    match probe(&plan) {
+        Ok(Some(session)) => eprintln!("coremq-swarm: TLS session: {session}"),
+        Ok(None) => {}
+        Err(e) => {
+            eprintln!("coremq-swarm: cannot connect to {}: {e}", plan.addr);
+            return ExitCode::from(2);
+        }
     }
     let summary =
         if plan.scenario == Scenario::Storm { run_storm(plan.clone()) } else { run_messages(plan.clone()) };
@@ -99,18 +104,20 @@ fn raise_fd_limit(needed: u64) -> Result<(), String> {
     Ok(())
 }
 
-/// One CONNECT/CONNACK/DISCONNECT before anything else, so an unreachable broker is one clear
-/// line and exit status 2 rather than thousands of failed connections.
-fn probe(addr: &str) -> Result<(), String> {
+/// One CONNECT/CONNACK/DISCONNECT before anything else, so an unreachable broker (or a failed TLS
+/// handshake) is one clear line and exit status 2 rather than thousands of failed connections.
+/// Returns the negotiated TLS session, if TLS is on.
+fn probe(plan: &Plan) -> Result<Option<String>, String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     rt.block_on(async {
-        let conn =
-            Conn::connect(addr, &format!("swarm-{}-probe-0", std::process::id()), CONNECT_TIMEOUT).await?;
+        let id = format!("swarm-{}-probe-0", std::process::id());
+        let conn = Conn::connect(&plan.addr, plan.tls.as_ref(), &id, CONNECT_TIMEOUT).await?;
+        let session = conn.tls_session();
         conn.close().await;
-        Ok(())
+        Ok(session)
     })
 }
 

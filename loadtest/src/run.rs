@@ -15,7 +15,7 @@ use tokio::task::LocalSet;
 
 use crate::account::{Outcome, StreamTracker, MAX_TRACKED_SEQ};
 use crate::cli::{Plan, PubSpec, SubSpec};
-use crate::client::{after_read, packet_name, read_chunk, Conn};
+use crate::client::{after_read, packet_name, read_available, read_chunk, Conn};
 use crate::stamp::{Stamp, STAMP_LEN};
 
 /// Unacknowledged QoS 1/2 messages a publisher may have outstanding.
@@ -342,16 +342,17 @@ async fn publisher(
     out: Rc<RefCell<ThreadOut>>,
 ) {
     let client_id = format!("swarm-{}-pub-{}", ctx.pid, spec.id);
-    let mut conn = match Conn::connect(&ctx.plan.addr, &client_id, ctx.connect_left()).await {
-        Ok(c) => {
-            let _ = events.send(Event::Pub(Ok(())));
-            c
-        }
-        Err(e) => {
-            let _ = events.send(Event::Pub(Err(format!("publisher {}: {e}", spec.id))));
-            return;
-        }
-    };
+    let mut conn =
+        match Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await {
+            Ok(c) => {
+                let _ = events.send(Event::Pub(Ok(())));
+                c
+            }
+            Err(e) => {
+                let _ = events.send(Event::Pub(Err(format!("publisher {}: {e}", spec.id))));
+                return;
+            }
+        };
     if ctx.plan.rate == 0.0 {
         conn.limit_send_buffer(PUB_SNDBUF);
     }
@@ -502,13 +503,14 @@ async fn subscriber(
     out: Rc<RefCell<ThreadOut>>,
 ) {
     let client_id = format!("swarm-{}-sub-{}", ctx.pid, spec.id);
-    let mut conn = match Conn::connect(&ctx.plan.addr, &client_id, ctx.connect_left()).await {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = events.send(Event::Sub(spec.id, Err(format!("subscriber {}: {e}", spec.id))));
-            return;
-        }
-    };
+    let mut conn =
+        match Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = events.send(Event::Sub(spec.id, Err(format!("subscriber {}: {e}", spec.id))));
+                return;
+            }
+        };
     match conn.subscribe(&spec.filter, ctx.plan.qos, ctx.connect_left().max(Duration::from_secs(1))).await {
         Ok(granted) => {
             let _ = events.send(Event::Sub(spec.id, Ok(granted)));
@@ -534,10 +536,10 @@ async fn subscriber(
                     // measuring side and shares its thread with publishers that never wait, so it
                     // takes a larger turn than one 64 KiB read.
                     for _ in 0..SUB_EXTRA_READS {
-                        conn.rbuf.reserve(crate::client::READ_CHUNK);
-                        match conn.stream.try_read_buf(&mut conn.rbuf) {
-                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                            r => after_read(r)?,
+                        match read_available(&mut conn.stream, &mut conn.rbuf).await {
+                            Ok(None) => break,
+                            Ok(Some(n)) => after_read(Ok(n))?,
+                            Err(e) => after_read(Err(e))?,
                         }
                         subscriber_input(&mut conn, &mut trackers, lo, &ctx, &out, ctx.now_ns())?;
                     }
@@ -635,7 +637,7 @@ async fn storm_conn(
     let client_id = format!("swarm-{}-storm-{n}", ctx.pid);
     let permit = sem.acquire().await;
     let t0 = ctx.now_ns();
-    let r = Conn::connect(&ctx.plan.addr, &client_id, ctx.connect_left()).await;
+    let r = Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await;
     let t1 = ctx.now_ns();
     drop(permit);
     match r {

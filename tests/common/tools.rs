@@ -22,24 +22,7 @@ pub struct ToolOutput {
 
 /// Runs `mosquitto_pub -h 127.0.0.1 -p PORT <args>` and waits (≤ 10 s) for it to exit.
 pub async fn mosquitto_pub(port: u16, args: &[&str]) -> ToolOutput {
-    let child = Command::new("mosquitto_pub")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn mosquitto_pub");
-    let out = timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .expect("mosquitto_pub did not exit within 10 s")
-        .expect("mosquitto_pub output");
-    ToolOutput {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    mosquitto_pub_env(port, &[], args).await
 }
 
 /// A running `mosquitto_sub` that has received its SUBACK.
@@ -99,5 +82,45 @@ impl Sub {
             .expect("mosquitto_sub did not exit")
             .expect("wait mosquitto_sub")
             .code()
+    }
+}
+
+/// Like [`mosquitto_pub`], with extra environment variables for the process (e.g. `OPENSSL_CONF`,
+/// which is the only way to cap the TLS version: `--tls-version tlsv1.2` only sets a minimum).
+pub async fn mosquitto_pub_env(port: u16, env: &[(&str, &str)], args: &[&str]) -> ToolOutput {
+    let child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn mosquitto_pub");
+    let out = timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .expect("mosquitto_pub did not exit within 10 s")
+        .expect("mosquitto_pub output");
+    ToolOutput {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+impl Sub {
+    /// Next received message as "topic payload" if one arrives within `within`; None on silence or
+    /// if the process exited. For showing that something was *not* delivered.
+    pub async fn try_recv(&mut self, within: Duration) -> Option<String> {
+        let next = async {
+            while let Ok(Some(l)) = self.lines.next_line().await {
+                if let Some(m) = l.strip_prefix(MSG) {
+                    return Some(m.to_string());
+                }
+            }
+            None
+        };
+        timeout(within, next).await.ok().flatten()
     }
 }

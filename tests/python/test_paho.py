@@ -36,8 +36,10 @@ def free_port():
 class Broker:
     """A broker process on a free loopback port, stopped with SIGTERM (then SIGKILL)."""
 
-    def __init__(self, extra_args=()):
-        self.port = free_port()
+    def __init__(self, extra_args=(), listen=True, port=None):
+        # listen=False leaves the listeners to a --config file in extra_args (--listen would replace
+        # them); `port` must then be one of its plain listeners, the one readiness is probed on.
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="coremq-pytest-")
         self.out = open(os.path.join(self.dir, "stdout"), "w+")
         self.err = open(os.path.join(self.dir, "stderr"), "w+")
@@ -53,7 +55,8 @@ class Broker:
                 binary = REPO / binary
             if not binary.exists():
                 pytest.fail(f"coremq binary not found at {binary} (build it or set COREMQ_BIN)")
-            cmd = [str(binary), "--listen", f"127.0.0.1:{self.port}", "--threads", "2",
+            listen_args = ["--listen", f"127.0.0.1:{self.port}"] if listen else []
+            cmd = [str(binary), *listen_args, "--threads", "2",
                    "--backend", os.environ.get("COREMQ_BACKEND", "auto"), *extra_args]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self.out,
                                      stderr=self.err)
@@ -102,7 +105,7 @@ def broker():
 class Client:
     """A connected paho client running its network loop in a thread."""
 
-    def __init__(self, port, protocol, client_id=None, will=None, credentials=None):
+    def __init__(self, port, protocol, client_id=None, will=None, credentials=None, tls_ca=None):
         self.messages = queue.Queue()
         self.events = queue.Queue()
         cid = client_id or f"py-{uuid.uuid4().hex[:8]}"
@@ -111,6 +114,8 @@ class Client:
             self.c.will_set(*will)
         if credentials:
             self.c.username_pw_set(*credentials)
+        if tls_ca:
+            self.c.tls_set(ca_certs=tls_ca)
         self.c.on_connect = lambda c, u, flags, rc, props: self.events.put(("connack", rc))
         self.c.on_subscribe = lambda c, u, mid, rcs, props: self.events.put(("suback", rcs))
         self.c.on_message = lambda c, u, msg: self.messages.put(msg)
@@ -236,6 +241,17 @@ def test_no_will_after_disconnect(broker, proto):
     watch.close()
 
 
+def stop_and_clean(b, extra_dir):
+    """Stops a test's own broker (asserting a clean exit), removes its files; returns its output."""
+    assert b.stop() == 0, b.output()
+    out = b.output()
+    b.out.close()
+    b.err.close()
+    shutil.rmtree(extra_dir, ignore_errors=True)
+    shutil.rmtree(b.dir, ignore_errors=True)
+    return out
+
+
 def coremq_binary():
     binary = Path(os.environ.get("COREMQ_BIN", "target/release/coremq"))
     return binary if binary.is_absolute() else REPO / binary
@@ -279,10 +295,112 @@ def test_password_and_acl(proto):
         alice.close()
         bob.close()
     finally:
-        assert b.stop() == 0, b.output()
-        out = b.output()
-        b.out.close()
-        b.err.close()
-        shutil.rmtree(d, ignore_errors=True)
-        shutil.rmtree(b.dir, ignore_errors=True)
+        out = stop_and_clean(b, d)
     assert "alice-pw" not in out and "nope" not in out
+
+
+def make_pki(d):
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it, as PEM files in `d`;
+    returns the CA certificate's path."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    day = datetime.timedelta(days=1)
+
+    def builder(subject, issuer, key):
+        return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - day).not_valid_after(now + day)
+                .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+
+    usage = dict(content_commitment=False, key_encipherment=False, data_encipherment=False,
+                 key_agreement=False, encipher_only=False, decipher_only=False)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "coremq paho test CA")])
+    ca = (builder(ca_name, ca_name, ca_key)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, **usage),
+                         critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (builder(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]), ca_name, key)
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                          x509.DNSName("localhost")]), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                           **usage), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                             critical=False)
+              .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    with open(os.path.join(d, "ca.pem"), "wb") as f:
+        f.write(ca.public_bytes(pem))
+    with open(os.path.join(d, "server.pem"), "wb") as f:
+        f.write(server.public_bytes(pem))
+    with open(os.path.join(d, "server.key"), "wb") as f:
+        f.write(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return os.path.join(d, "ca.pem")
+
+
+@pytest.mark.parametrize("proto", list(PROTOCOLS))
+def test_tls_listener(proto):
+    """paho over TLS (tls_set with our CA) on an mqtts listener beside a plain one."""
+    if os.environ.get("COREMQ_TEST_BROKER") == "mosquitto":
+        pytest.skip("uses coremq's listener config")
+    pytest.importorskip("cryptography")
+    import ssl
+
+    d = tempfile.mkdtemp(prefix="coremq-pytest-tls-")
+    ca = make_pki(d)
+    plain = free_port()
+    tls = free_port()
+    while tls == plain:
+        tls = free_port()
+    conf = os.path.join(d, "coremq.toml")
+    with open(conf, "w") as f:
+        f.write(f'[[listener]]\nbind = "127.0.0.1:{plain}"\nallow_anonymous = true\n\n'
+                f'[[listener]]\nbind = "127.0.0.1:{tls}"\nprotocol = "mqtts"\n'
+                'tls_cert = "server.pem"\ntls_key = "server.key"\nallow_anonymous = true\n')
+    # Readiness is probed on the plain port, so no probe ever counts as a failed handshake.
+    b = Broker(["--config", conf], listen=False, port=plain)
+    try:
+        sub = Client(tls, PROTOCOLS[proto], tls_ca=ca)
+        assert sub.c.socket().version() in ("TLSv1.2", "TLSv1.3"), sub.c.socket().version()
+        sub.subscribe("tls/#", 1)
+        pub = Client(tls, PROTOCOLS[proto], tls_ca=ca)
+        plain_pub = Client(plain, PROTOCOLS[proto])
+        big = os.urandom(100_000)  # several TLS records
+        pub.publish("tls/a", b"over-tls", 1)
+        pub.publish("tls/big", big, 1)
+        plain_pub.publish("tls/b", b"from-plain", 1)
+        got = sorted((m.topic, m.payload) for m in (sub.recv(), sub.recv(), sub.recv()))
+        assert got == [("tls/a", b"over-tls"), ("tls/b", b"from-plain"), ("tls/big", big)], \
+            [(t, p[:20]) for t, p in got]
+        sub.expect_nothing()
+        # A client that does not trust the server's certificate gives up during the handshake.
+        bad = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="py-untrusting", protocol=PROTOCOLS[proto])
+        os.mkdir(os.path.join(d, "other"))
+        bad.tls_set(ca_certs=make_pki(os.path.join(d, "other")))  # an unrelated CA
+        with pytest.raises(ssl.SSLError):
+            bad.connect("127.0.0.1", tls, keepalive=30)
+        # Plain MQTT on the TLS port gets nowhere either.
+        with socket.create_connection(("127.0.0.1", tls), timeout=WAIT) as s:
+            s.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+            s.settimeout(WAIT)
+            try:
+                reply = s.recv(16)
+            except ConnectionResetError:
+                reply = b""
+            assert reply[:1] in (b"", b"\x15"), reply  # closed, at most after a TLS alert
+        for c in (sub, pub, plain_pub):
+            c.close()
+    finally:
+        out = stop_and_clean(b, d)
+    all_block = out[out.index("\nall:"):]
+    assert "TLS handshake failed 2" in all_block, out
