@@ -9,7 +9,9 @@
 #
 # --only REGEX runs just the rows whose label matches (bash regex), e.g. --only TLS.
 #
-# Environment: BROKER_CPU (default 0), SWARM_CPU (default 1), PAYLOAD (default 64).
+# Environment: BROKER_CPU (default 0), SWARM_CPU (default 1), PAYLOAD (default 64), QUEUED (each
+# broker's max_queued_messages; default: unset, so both run with their defaults of 1000, and under a
+# flood mosquitto drops the newest QoS 1/2 messages while coremq pauses the publishers instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,7 @@ done
 BROKER_CPU=${BROKER_CPU:-0}
 SWARM_CPU=${SWARM_CPU:-1}
 PAYLOAD=${PAYLOAD:-64}
+QUEUED=${QUEUED:-}
 
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
   echo "== installing mosquitto" >&2
@@ -98,10 +101,11 @@ start_broker() {
         listen=(--config "$WORK/coremq.toml")
       fi
       "$COREMQ" "${listen[@]}" --threads "$threads" --cpus "$cpus" \
-        --max-queued-messages 100000 >"$WORK/broker.out" 2>"$WORK/broker.err" &
+        ${QUEUED:+--max-queued-messages "$QUEUED"} >"$WORK/broker.out" 2>"$WORK/broker.err" &
       BROKER_PID=$! ;;
     mosquitto)
-      printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\n' "$port" >"$WORK/mosq.conf"
+      printf 'listener %s 127.0.0.1\nallow_anonymous true\n' "$port" >"$WORK/mosq.conf"
+      [ -n "$QUEUED" ] && printf 'max_queued_messages %s\n' "$QUEUED" >>"$WORK/mosq.conf"
       if [ "$tls" = 1 ]; then
         printf 'certfile %s\nkeyfile %s\n' "$TLS_DIR/server.pem" "$TLS_DIR/server.key" >>"$WORK/mosq.conf"
       fi
