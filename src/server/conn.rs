@@ -32,8 +32,11 @@ const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535);
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
 const MIN_SPARE: usize = 256;
 
-/// Ciphertext read per socket read on a TLS connection: one whole TLS record (16 KiB plus overhead).
-const TLS_READ: usize = 16 * 1024 + 512;
+/// Ciphertext read per socket read on a TLS connection: it starts small, because a pending read holds
+/// its buffer while the connection is idle, and doubles when a read fills it, up to one whole TLS
+/// record (16 KiB plus overhead). rustls reassembles records split across reads.
+const TLS_READ_INITIAL: usize = 512;
+const TLS_READ_MAX: usize = 16 * 1024 + 512;
 
 /// What a listener asks of its connections' transport.
 #[derive(Clone)]
@@ -48,6 +51,14 @@ pub struct Transport {
 /// run on the core's thread and never hold the borrow across an await.
 pub struct TlsConn {
     session: RefCell<ServerConnection>,
+    /// Size of the next ciphertext read.
+    read_size: std::cell::Cell<usize>,
+}
+
+impl TlsConn {
+    fn new(session: ServerConnection) -> TlsConn {
+        TlsConn { session: RefCell::new(session), read_size: std::cell::Cell::new(TLS_READ_INITIAL) }
+    }
 }
 
 /// Reads plaintext into `buf`: straight from the socket, or by reading ciphertext and decrypting it.
@@ -65,9 +76,11 @@ async fn read_plain(
             Ok(None) => {}
             Err(e) => return (Err(e), buf),
         }
-        let (res, cipher) = conn.read(BytesMut::with_capacity(TLS_READ)).await;
+        let size = tls.read_size.get();
+        let (res, cipher) = conn.read(BytesMut::with_capacity(size)).await;
         match res {
             Ok(0) => return (Ok(0), buf),
+            Ok(n) if n >= size && size < TLS_READ_MAX => tls.read_size.set((size * 2).min(TLS_READ_MAX)),
             Ok(_) => {}
             Err(e) => return (Err(e), buf),
         }
@@ -98,7 +111,7 @@ async fn handshake(conn: &Conn, ctl: &ConnCtl, config: &Arc<ServerConfig>) -> Op
         if !s.is_handshaking() {
             return Some(s);
         }
-        let (res, cipher) = conn.read(BytesMut::with_capacity(TLS_READ)).await;
+        let (res, cipher) = conn.read(BytesMut::with_capacity(TLS_READ_MAX)).await;
         if ctl.is_closing() || !matches!(res, Ok(n) if n > 0) {
             return None;
         }
@@ -139,7 +152,7 @@ pub async fn serve_new(
     let key = core.borrow_mut().register(ctl.clone());
     let tls = match &transport.tls {
         Some(config) => match handshake(&conn, &ctl, config).await {
-            Some(session) => Some(Rc::new(TlsConn { session: RefCell::new(session) })),
+            Some(session) => Some(Rc::new(TlsConn::new(session))),
             None if ctl.is_closing() => return refuse(&core, key, &ctl, &conn, None, None, None).await,
             None => return refuse(&core, key, &ctl, &conn, None, None, Some("TLS handshake failed")).await,
         },
@@ -255,7 +268,7 @@ pub async fn serve_new(
 /// A connection handed over by another core, with its CONNECT already read and checked.
 pub async fn serve_handoff(core: CoreRef, h: Handoff) {
     let Handoff { stream, connect, buffered: buf, permit, tls } = h;
-    let tls = tls.map(|s| Rc::new(TlsConn { session: RefCell::new(*s) }));
+    let tls = tls.map(|s| Rc::new(TlsConn::new(*s)));
     let adopted = match io::current_backend() {
         Some(backend) => Conn::from_std(stream, backend),
         None => Err(std::io::Error::other("not inside a core's runtime")),
