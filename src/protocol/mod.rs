@@ -4,6 +4,9 @@
 
 mod decode;
 mod encode;
+/// MQTT 5.0 properties (section 2.2.2): decoded and encoded on their own, ahead of the v5 packet codec
+/// that will use them (CONNECT with protocol level 5 is still refused with CONNACK 0x01).
+pub mod properties;
 mod types;
 
 #[cfg(test)]
