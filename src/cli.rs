@@ -60,6 +60,10 @@ pub struct Cli {
     /// dropped) or "drop" the newest, as mosquitto does [default: pause]
     #[arg(long, value_name = "POLICY")]
     pub slow_subscriber: Option<String>,
+    /// Seconds a connected subscriber's full queue may go without an acknowledgement before the broker
+    /// disconnects it (pause policy); 0 = never [default: 60]
+    #[arg(long, value_name = "SECS")]
+    pub slow_subscriber_timeout: Option<u64>,
     /// Packets waiting to be written to one online client; QoS 0 beyond it is dropped [default: 10000]
     #[arg(long, value_name = "N")]
     pub max_outbox_messages: Option<u64>,

@@ -164,6 +164,10 @@ pub struct Config {
     /// What happens when an online subscriber's queue is full. Default `Pause` (nothing acknowledged is
     /// dropped); `Drop` is mosquitto's behaviour.
     pub slow_subscriber: SlowSubscriberChoice,
+    /// Pause policy: a connected subscriber whose full queue has not moved (no PUBACK/PUBCOMP) for this
+    /// many seconds is disconnected, so that one stuck client cannot hold publishers forever; 0 = never.
+    /// Default 60.
+    pub slow_subscriber_timeout: u64,
     /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
     pub max_keepalive: u16,
     /// Packets waiting to be written to one online client, at least 1; QoS 0 messages beyond it are
@@ -276,6 +280,7 @@ struct Layer {
     max_packet_size: Option<usize>,
     queue_qos0_messages: Option<bool>,
     slow_subscriber: Option<SlowSubscriberChoice>,
+    slow_subscriber_timeout: Option<u64>,
     max_keepalive: Option<u16>,
     ring_capacity: Option<usize>,
     max_outbox_messages: Option<usize>,
@@ -302,6 +307,7 @@ struct RawFile {
     max_packet_size: Option<Spanned<Value>>,
     queue_qos0_messages: Option<Spanned<Value>>,
     slow_subscriber: Option<Spanned<Value>>,
+    slow_subscriber_timeout: Option<Spanned<Value>>,
     max_keepalive: Option<Spanned<Value>>,
     ring_capacity: Option<Spanned<Value>>,
     max_outbox_messages: Option<Spanned<Value>>,
@@ -364,6 +370,10 @@ const INFLIGHT: Range = Range::new(1, u16::MAX as i128);
 const QUEUED: Range = Range::new(1, usize::MAX as i128);
 const PACKET_SIZE: Range = Range::new(MIN_PACKET_SIZE_LIMIT as i128, MAX_PACKET_SIZE_LIMIT as i128);
 const KEEPALIVE: Range = Range::new(0, u16::MAX as i128);
+/// `slow_subscriber_timeout` in seconds: 0 (never) to one day.
+const STALL: Range = Range::new(0, 86_400);
+/// Default for [`Config::slow_subscriber_timeout`].
+pub const DEFAULT_SLOW_SUBSCRIBER_TIMEOUT: u64 = 60;
 const RING: Range = Range::new(2, 1 << 20);
 const COUNT: Range = Range::new(0, usize::MAX as i128);
 const LEVELS: Range = Range::new(1, 65_535);
@@ -576,6 +586,10 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (s, origin) = ctx.string("slow_subscriber", v)?;
         layer.slow_subscriber = Some(SlowSubscriberChoice::parse(s).map_err(|m| origin.error(m))?);
     }
+    if let Some(v) = &raw.slow_subscriber_timeout {
+        let (n, _) = ctx.int("slow_subscriber_timeout", v, &STALL)?;
+        layer.slow_subscriber_timeout = Some(u64::try_from(n).unwrap_or(0));
+    }
     if let Some(v) = &raw.max_keepalive {
         let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
         layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
@@ -757,6 +771,10 @@ fn apply_cli(layer: &mut Layer, cli: &Cli) -> Result<(), ConfigError> {
     let flag_int = |v: u64, flag: &'static str, range: &Range| {
         range.check(i128::from(v)).map_err(|m| Origin::Flag(flag).error(m))
     };
+    if let Some(v) = cli.slow_subscriber_timeout {
+        let n = flag_int(v, "--slow-subscriber-timeout", &STALL)?;
+        layer.slow_subscriber_timeout = Some(u64::try_from(n).unwrap_or(0));
+    }
     if let Some(v) = cli.max_inflight {
         let n = flag_int(v, "--max-inflight", &INFLIGHT)?;
         layer.max_inflight = Some(u16::try_from(n).unwrap_or(u16::MAX));
@@ -896,6 +914,7 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_packet_size: layer.max_packet_size.unwrap_or(DEFAULT_MAX_PACKET_SIZE),
         queue_qos0_messages: layer.queue_qos0_messages.unwrap_or(false),
         slow_subscriber: layer.slow_subscriber.unwrap_or(SlowSubscriberChoice::Pause),
+        slow_subscriber_timeout: layer.slow_subscriber_timeout.unwrap_or(DEFAULT_SLOW_SUBSCRIBER_TIMEOUT),
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
         ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
         max_outbox_messages: layer.max_outbox_messages.unwrap_or(DEFAULT_MAX_OUTBOX_MESSAGES),
@@ -1492,6 +1511,7 @@ bind = "0.0.0.0:1883"
             "allow_anonymous",
             "max_connections",
             "slow_subscriber",
+            "slow_subscriber_timeout",
             "protocol",
             "tls_cert",
             "tls_key",

@@ -113,6 +113,8 @@ fn settings(cfg: &Config) -> Settings {
         max_subscriptions_per_client: cfg.max_subscriptions_per_client,
         max_topic_levels: cfg.max_topic_levels,
         max_client_id_len: cfg.max_client_id_len,
+        slow_subscriber_timeout: (cfg.slow_subscriber_timeout > 0)
+            .then(|| Duration::from_secs(cfg.slow_subscriber_timeout)),
         passwords: cfg.password_file.as_ref().map(|(_, f)| f.clone()),
         acl: cfg.acl_file.as_ref().map(|(_, a)| a.clone()),
         slow_subscriber: match cfg.slow_subscriber {

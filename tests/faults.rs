@@ -25,6 +25,7 @@ backend_tests!(
     stalled_subscriber_drop_policy,
     stalled_subscriber_pauses_the_publisher,
     self_subscriber_flood_does_not_deadlock,
+    stuck_subscriber_is_disconnected_after_the_timeout,
 );
 
 /// Connection attempts in flight at a time: well below the listen backlog (1024).
@@ -1005,4 +1006,64 @@ async fn self_subscriber_flood_does_not_deadlock(b: Backend) {
         eprintln!("self/{}: {all_line}", b.as_str());
         assert_eq!(all_stats(&st.stdout).dropped, 0, "nothing dropped: {all_line}");
     }
+}
+
+/// `--slow-subscriber-timeout 1`: a subscriber that never reads holds the flooding publisher only until
+/// its full queue has gone a second without an acknowledgement; then it is disconnected, its persistent
+/// session keeps its queue (the rest is dropped, counted), and the publisher gets all its PUBACKs.
+async fn stuck_subscriber_is_disconnected_after_the_timeout(b: Backend) {
+    // More than the queue (1,000) plus its overflow room for what is in transit (1,000 + a 4,096-slot
+    // ring per core): the publisher must be paused, not only queued for.
+    const FLOOD: usize = 30_000;
+    if use_mosquitto() {
+        return;
+    }
+    let s =
+        Settings { extra_args: vec!["--slow-subscriber-timeout".into(), "1".into()], ..Default::default() };
+    let broker = Broker::start_with(b, &s);
+    let port = broker.port;
+    let _stuck = stalled_subscriber(port, &id_on_core("stuck-sub", 1), "stuck/t").await;
+    let (flood, _) = load::mqtt_connect(port, Connect::new(&id_on_core("stuck-pub", 0), true))
+        .await
+        .expect("flood CONNECT");
+    let (mut rd, mut wr) = flood.into_split();
+    let mut buf = Vec::new();
+    for i in 0..FLOOD {
+        buf.extend_from_slice(&raw::publish(
+            "stuck/t",
+            1,
+            false,
+            false,
+            (i % 65_535) as u16 + 1,
+            &[0u8; 256],
+        ));
+    }
+    let writer = tokio::spawn(async move {
+        wr.write_all(&buf).await.expect("flood write");
+        wr
+    });
+    let t0 = Instant::now();
+    let mut acked = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut pending = Vec::new();
+    while acked < FLOOD {
+        let n = timeout(Duration::from_secs(10), rd.read(&mut chunk))
+            .await
+            .unwrap_or_else(|_| panic!("publisher still held after {acked} PUBACKs and {:?}", t0.elapsed()))
+            .expect("flood read");
+        assert!(n > 0, "broker closed the publisher after {acked} PUBACKs");
+        pending.extend_from_slice(&chunk[..n]);
+        acked += pending.len() / 4;
+        pending.drain(..pending.len() / 4 * 4);
+    }
+    let released = t0.elapsed();
+    let _wr = timeout(WAIT, writer).await.expect("flood written").expect("writer task");
+    eprintln!("stuck/{}: all {FLOOD} PUBACKs after {released:?}", b.as_str());
+    assert!(released >= Duration::from_millis(900), "the publisher was paused first ({released:?})");
+    let st = broker.stop();
+    assert!(st.status.success(), "{st:?}");
+    print_report("stuck", &st.stdout);
+    assert!(st.stdout.contains("slow subscriber timeout 1"), "{}", st.stdout);
+    let all = all_stats(&st.stdout);
+    assert!(all.dropped > 0, "beyond the offline queue the newest were dropped, counted: {all:?}");
 }

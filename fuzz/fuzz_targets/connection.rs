@@ -133,6 +133,8 @@ impl Harness {
             max_topic_levels: 6,
             max_client_id_len: 32,
             slow_subscriber: if pause { SlowSubscriber::Pause } else { SlowSubscriber::Drop },
+            // Reachable through the clock jumps of the input (20 s and 20 min).
+            slow_subscriber_timeout: Some(Duration::from_secs(15)),
             // Credentials are checked before a connection reaches the core (not modelled here).
             passwords: None,
             // With the limits of variant 2, an ACL: anonymous clients may do anything but touch a/b,

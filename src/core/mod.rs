@@ -50,6 +50,9 @@ pub struct Settings {
     pub max_client_id_len: usize,
     /// What a full queue of an online session does to QoS 1/2 publishers of matching messages.
     pub slow_subscriber: SlowSubscriber,
+    /// Pause policy: how long a congested session may go without progress before its client is
+    /// disconnected; `None` = never.
+    pub slow_subscriber_timeout: Option<Duration>,
     /// Users and password hashes (`[auth] password_file`); `None`: usernames are not checked.
     pub passwords: Option<PasswordFile>,
     /// Access rules (`[auth] acl_file`); `None`: every client may publish and subscribe to anything.
@@ -165,6 +168,8 @@ struct SessionEntry {
     conn: Option<usize>,
     /// The filters announced as congested (pause policy), withdrawn exactly when it drains.
     congested: Option<Box<[Box<str>]>>,
+    /// While congested: when the client last acknowledged something (first seen by a sweep).
+    stalled_since: Option<Instant>,
     /// The username of the client's current (or last) connection, for the ACL.
     username: Option<Utf8Bytes>,
     /// The ACL has deny rules for this client: deliveries are checked one by one (otherwise a
@@ -402,6 +407,7 @@ impl Core {
                     session: s,
                     conn: None,
                     congested: None,
+                    stalled_since: None,
                     username: None,
                     check_reads: false,
                 });
@@ -443,14 +449,14 @@ impl Core {
             Packet::Publish(p) => self.on_publish(key, skey, p, now),
             Packet::PubAck(id) => {
                 self.with_session(key, skey, |s, out| s.on_puback(id, out));
-                self.update_congestion(skey);
+                self.progressed(skey, now);
                 Flow::Continue
             }
             Packet::PubRec(id) => self.with_session(key, skey, |s, out| s.on_pubrec(id, out)),
             Packet::PubRel(id) => self.with_session(key, skey, |s, out| s.on_pubrel(id, out)),
             Packet::PubComp(id) => {
                 self.with_session(key, skey, |s, out| s.on_pubcomp(id, out));
-                self.update_congestion(skey);
+                self.progressed(skey, now);
                 Flow::Continue
             }
             Packet::Subscribe(s) => self.on_subscribe(key, skey, s),
@@ -600,6 +606,14 @@ impl Core {
         }
     }
 
+    /// The client acknowledged a delivery: its queue may have drained, and it is not stuck.
+    fn progressed(&mut self, skey: usize, now: Instant) {
+        self.update_congestion(skey);
+        if let Some(se) = self.sessions.get_mut(skey) {
+            se.stalled_since = se.congested.as_ref().map(|_| now);
+        }
+    }
+
     /// Announces or withdraws the session's congestion after its queue or connection changed.
     fn update_congestion(&mut self, skey: usize) {
         let Some(se) = self.sessions.get(skey) else { return };
@@ -636,7 +650,9 @@ impl Core {
     }
 
     fn withdraw_congestion(&mut self, skey: usize) {
-        let Some(filters) = self.sessions.get_mut(skey).and_then(|se| se.congested.take()) else { return };
+        let Some(se) = self.sessions.get_mut(skey) else { return };
+        se.stalled_since = None;
+        let Some(filters) = se.congested.take() else { return };
         let ck = congestion_key(self.id, skey);
         for f in filters.into_vec() {
             self.congested.remove(&f, ck);
@@ -983,6 +999,9 @@ impl Core {
             self.holding.shrink_to_fit();
             self.dirty.shrink_to_fit();
         }
+        if let Some(limit) = self.settings.slow_subscriber_timeout {
+            self.disconnect_stuck_subscribers(now, limit);
+        }
         for key in expired {
             // The reader sees the shutdown and calls conn_closed; closing here already publishes the
             // will and detaches the session, so the reader's later call finds nothing.
@@ -992,6 +1011,22 @@ impl Core {
             } else {
                 self.stats.count_refused("no CONNECT within connect_timeout");
             }
+            self.close_conn(key, false, true);
+        }
+    }
+
+    /// Pause policy: a connected subscriber whose full queue has not moved for `limit` is disconnected,
+    /// so that publishers are released (its persistent session keeps what is queued).
+    fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Duration) {
+        let mut stuck: SmallVec<[usize; 4]> = SmallVec::new();
+        for (_, se) in self.sessions.iter_mut().filter(|(_, se)| se.congested.is_some()) {
+            let since = *se.stalled_since.get_or_insert(now);
+            if let (Some(conn), true) = (se.conn, now.saturating_duration_since(since) > limit) {
+                stuck.push(conn);
+            }
+        }
+        for key in stuck {
+            self.stats.count_closed("slow subscriber timeout");
             self.close_conn(key, false, true);
         }
     }
