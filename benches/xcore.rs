@@ -61,6 +61,7 @@ impl Source {
                 qos: QoS::AtMostOnce,
                 retain: false,
                 received,
+                props: None,
             }),
             Kind::Interest => XMsg::Interest { core: 0, filter: "site/17/dev/+/temp".into(), add: true },
         }

@@ -55,6 +55,13 @@ pub const MAX_PACKET_SIZE_LIMIT: usize = 268_435_460;
 pub const MIN_PACKET_SIZE_LIMIT: usize = 2;
 /// Default for [`Config::max_keepalive`].
 pub const DEFAULT_MAX_KEEPALIVE: u16 = 65535;
+/// Default for [`Config::max_session_expiry_interval`]: no cap.
+pub const DEFAULT_MAX_SESSION_EXPIRY: u32 = u32::MAX;
+/// Default for [`Config::topic_alias_maximum`] (mosquitto's `max_topic_alias`).
+pub const DEFAULT_TOPIC_ALIAS_MAXIMUM: u16 = 10;
+/// Default for [`Config::receive_maximum`]: what one connection may have held under the pause policy
+/// (`core::HOLD_MESSAGES`), so that a client respecting it is never cut off for it.
+pub const DEFAULT_RECEIVE_MAXIMUM: u16 = 1024;
 
 /// Which I/O backend to run the cores on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -168,8 +175,21 @@ pub struct Config {
     /// many seconds is disconnected, so that one stuck client cannot hold publishers forever; 0 = never.
     /// Default 60.
     pub slow_subscriber_timeout: u64,
-    /// Largest keep-alive accepted, 0..=65535; kept for the core (and MQTT 5) to interpret. Default 65535.
+    /// Largest keep-alive, 0..=65535 (mosquitto's `max_keepalive`): a v5 client asking for more (or for
+    /// 0, when this is below 65535) is told this value as Server Keep Alive; a 3.1/3.1.1 client asking for
+    /// more gets CONNACK 0x02. Default 65535.
     pub max_keepalive: u16,
+    /// Cap on a v5 client's Session Expiry Interval, and the expiry of 3.1.1 persistent sessions
+    /// (seconds; 4294967295 = never expire). Default 4294967295.
+    pub max_session_expiry_interval: u32,
+    /// Topic aliases a v5 client may set towards the broker, 0..=65535 (announced in CONNACK). Default 10.
+    pub topic_alias_maximum: u16,
+    /// Unacknowledged QoS 1/2 PUBLISHes a v5 client may have towards the broker, 1..=65535 (announced in
+    /// CONNACK; exceeding it is DISCONNECT 0x93). Default 1024.
+    pub receive_maximum: u16,
+    /// Response Information sent in CONNACK to a v5 client that requests it (request/response); unset =
+    /// none is sent.
+    pub response_information: Option<String>,
     /// Packets waiting to be written to one online client, at least 1; QoS 0 messages beyond it are
     /// dropped and counted (QoS 1/2 wait in the session queue instead). Default 10,000.
     pub max_outbox_messages: usize,
@@ -282,6 +302,10 @@ struct Layer {
     slow_subscriber: Option<SlowSubscriberChoice>,
     slow_subscriber_timeout: Option<u64>,
     max_keepalive: Option<u16>,
+    max_session_expiry_interval: Option<u32>,
+    topic_alias_maximum: Option<u16>,
+    receive_maximum: Option<u16>,
+    response_information: Option<String>,
     ring_capacity: Option<usize>,
     max_outbox_messages: Option<usize>,
     max_connections: Option<usize>,
@@ -309,6 +333,10 @@ struct RawFile {
     slow_subscriber: Option<Spanned<Value>>,
     slow_subscriber_timeout: Option<Spanned<Value>>,
     max_keepalive: Option<Spanned<Value>>,
+    max_session_expiry_interval: Option<Spanned<Value>>,
+    topic_alias_maximum: Option<Spanned<Value>>,
+    receive_maximum: Option<Spanned<Value>>,
+    response_information: Option<Spanned<Value>>,
     ring_capacity: Option<Spanned<Value>>,
     max_outbox_messages: Option<Spanned<Value>>,
     max_connections: Option<Spanned<Value>>,
@@ -370,6 +398,8 @@ const INFLIGHT: Range = Range::new(1, u16::MAX as i128);
 const QUEUED: Range = Range::new(1, usize::MAX as i128);
 const PACKET_SIZE: Range = Range::new(MIN_PACKET_SIZE_LIMIT as i128, MAX_PACKET_SIZE_LIMIT as i128);
 const KEEPALIVE: Range = Range::new(0, u16::MAX as i128);
+const EXPIRY: Range = Range::new(0, u32::MAX as i128);
+const ALIASES: Range = Range::new(0, u16::MAX as i128);
 /// `slow_subscriber_timeout` in seconds: 0 (never) to one day.
 const STALL: Range = Range::new(0, 86_400);
 /// Default for [`Config::slow_subscriber_timeout`].
@@ -593,6 +623,25 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
     if let Some(v) = &raw.max_keepalive {
         let (n, _) = ctx.int("max_keepalive", v, &KEEPALIVE)?;
         layer.max_keepalive = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(v) = &raw.max_session_expiry_interval {
+        let (n, _) = ctx.int("max_session_expiry_interval", v, &EXPIRY)?;
+        layer.max_session_expiry_interval = Some(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+    if let Some(v) = &raw.topic_alias_maximum {
+        let (n, _) = ctx.int("topic_alias_maximum", v, &ALIASES)?;
+        layer.topic_alias_maximum = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(v) = &raw.receive_maximum {
+        let (n, _) = ctx.int("receive_maximum", v, &INFLIGHT)?;
+        layer.receive_maximum = Some(u16::try_from(n).unwrap_or(u16::MAX));
+    }
+    if let Some(v) = &raw.response_information {
+        let (s, origin) = ctx.string("response_information", v)?;
+        if s.is_empty() || s.len() > u16::MAX as usize || s.contains('\0') {
+            return Err(origin.error("must be a non-empty MQTT string (at most 65535 bytes, no U+0000)"));
+        }
+        layer.response_information = Some(s.to_string());
     }
     if let Some(v) = &raw.max_outbox_messages {
         let (n, _) = ctx.int("max_outbox_messages", v, &QUEUED)?;
@@ -916,6 +965,10 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         slow_subscriber: layer.slow_subscriber.unwrap_or(SlowSubscriberChoice::Pause),
         slow_subscriber_timeout: layer.slow_subscriber_timeout.unwrap_or(DEFAULT_SLOW_SUBSCRIBER_TIMEOUT),
         max_keepalive: layer.max_keepalive.unwrap_or(DEFAULT_MAX_KEEPALIVE),
+        max_session_expiry_interval: layer.max_session_expiry_interval.unwrap_or(DEFAULT_MAX_SESSION_EXPIRY),
+        topic_alias_maximum: layer.topic_alias_maximum.unwrap_or(DEFAULT_TOPIC_ALIAS_MAXIMUM),
+        receive_maximum: layer.receive_maximum.unwrap_or(DEFAULT_RECEIVE_MAXIMUM),
+        response_information: layer.response_information,
         ring_capacity: layer.ring_capacity.unwrap_or(DEFAULT_RING_CAPACITY),
         max_outbox_messages: layer.max_outbox_messages.unwrap_or(DEFAULT_MAX_OUTBOX_MESSAGES),
         max_connections: layer.max_connections.unwrap_or(0),
@@ -1482,6 +1535,10 @@ bind = "0.0.0.0:1883"
         assert_eq!(example.max_packet_size, defaults.max_packet_size);
         assert_eq!(example.queue_qos0_messages, defaults.queue_qos0_messages);
         assert_eq!(example.max_keepalive, defaults.max_keepalive);
+        assert_eq!(example.max_session_expiry_interval, defaults.max_session_expiry_interval);
+        assert_eq!(example.topic_alias_maximum, defaults.topic_alias_maximum);
+        assert_eq!(example.receive_maximum, defaults.receive_maximum);
+        assert_eq!(example.response_information, defaults.response_information);
         assert_eq!(example.ring_capacity, defaults.ring_capacity);
         assert_eq!(example.max_outbox_messages, defaults.max_outbox_messages);
         assert_eq!(example.max_connections, defaults.max_connections);
@@ -1500,6 +1557,10 @@ bind = "0.0.0.0:1883"
             "max_packet_size",
             "queue_qos0_messages",
             "max_keepalive",
+            "max_session_expiry_interval",
+            "topic_alias_maximum",
+            "receive_maximum",
+            "response_information",
             "ring_capacity",
             "max_outbox_messages",
             "max_connections",

@@ -113,6 +113,14 @@ fn settings(cfg: &Config) -> Settings {
         max_subscriptions_per_client: cfg.max_subscriptions_per_client,
         max_topic_levels: cfg.max_topic_levels,
         max_client_id_len: cfg.max_client_id_len,
+        max_keepalive: cfg.max_keepalive,
+        max_session_expiry: cfg.max_session_expiry_interval,
+        topic_alias_maximum: cfg.topic_alias_maximum,
+        receive_maximum: cfg.receive_maximum,
+        response_information: cfg
+            .response_information
+            .as_deref()
+            .map(coremq::protocol::Utf8Bytes::copy_from_str),
         slow_subscriber_timeout: (cfg.slow_subscriber_timeout > 0)
             .then(|| Duration::from_secs(cfg.slow_subscriber_timeout)),
         passwords: cfg.password_file.as_ref().map(|(_, f)| f.clone()),

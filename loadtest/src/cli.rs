@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use coremq::protocol::QoS;
+use coremq::protocol::{ProtocolVersion, QoS};
 
 use crate::stamp::STAMP_LEN;
 use crate::tls::Tls;
@@ -107,7 +107,7 @@ pub struct Args {
     /// Pin swarm threads round-robin to these cpus, e.g. "0-3,6".
     #[arg(long)]
     pub cpus: Option<String>,
-    /// MQTT version: 3.1.1 (5 is not supported yet).
+    /// MQTT version of every connection: 3.1.1 or 5.
     #[arg(long, default_value = "3.1.1")]
     pub mqtt: String,
     /// Print only the JSON line on stdout (default: human summary, then the JSON line).
@@ -146,6 +146,8 @@ pub struct Plan {
     pub addr: String,
     /// TLS for every connection (`--tls-ca`), or plain TCP.
     pub tls: Option<Tls>,
+    /// `--mqtt`: the protocol version of every connection.
+    pub version: ProtocolVersion,
     /// QoS of publishes and subscriptions.
     pub qos: QoS,
     /// Payload bytes per message.
@@ -198,11 +200,11 @@ impl Args {
                 return Err("no scenario given: fan-in, fan-out, pairs, shared, storm or iot".to_string())
             }
         };
-        match self.mqtt.as_str() {
-            "3.1.1" | "4" => {}
-            "5" | "5.0" => return Err("MQTT 5 is not supported yet; use --mqtt 3.1.1".to_string()),
-            other => return Err(format!("unknown MQTT version \"{other}\": use 3.1.1")),
-        }
+        let version = match self.mqtt.as_str() {
+            "3.1.1" | "4" => ProtocolVersion::V3_1_1,
+            "5" | "5.0" => ProtocolVersion::V5,
+            other => return Err(format!("unknown MQTT version \"{other}\": use 3.1.1 or 5")),
+        };
         let qos = QoS::from_u8(self.qos).ok_or_else(|| format!("bad --qos {}", self.qos))?;
         if self.payload < STAMP_LEN || self.payload > MAX_PAYLOAD {
             return Err(format!(
@@ -307,6 +309,7 @@ impl Args {
             scenario,
             addr: format!("{}:{}", self.host, self.port),
             tls,
+            version,
             qos,
             payload: self.payload,
             rate,
@@ -369,7 +372,8 @@ mod tests {
     #[test]
     fn usage_errors() {
         assert!(plan(&["pairs", "--payload", "15"]).unwrap_err().contains("--payload"));
-        assert!(plan(&["pairs", "--mqtt", "5"]).unwrap_err().contains("not supported yet"));
+        assert_eq!(plan(&["pairs", "--mqtt", "5"]).unwrap().version, ProtocolVersion::V5);
+        assert!(plan(&["pairs", "--mqtt", "6"]).unwrap_err().contains("unknown MQTT version"));
         assert!(plan(&["pairs", "--qos", "3"]).is_err());
         assert!(plan(&["pairs", "--connections", "0"]).is_err());
         assert!(plan(&["pairs", "--cpus", "3-1"]).is_err());

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use coremq::protocol::{
-    decode, encode, ConnAck, Connect, ConnectReturnCode, Packet, ProtocolVersion, QoS, SubAckCode, Subscribe,
-    SubscribeFilter, Utf8Bytes,
+    decode, encode, encode_publish_head, encode_publish_head_v5, reason, ConnAck, Connect, Disconnect,
+    Packet, ProtocolVersion, QoS, Subscribe, SubscribeFilter, Utf8Bytes,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,14 +35,17 @@ pub fn io_text(e: &io::Error) -> String {
     }
 }
 
-fn code_text(code: ConnectReturnCode) -> &'static str {
+/// What a CONNACK refusal (a v5 reason code; 3.1.1 codes arrive mapped to them) means.
+fn code_text(code: u8) -> &'static str {
     match code {
-        ConnectReturnCode::Accepted => "accepted",
-        ConnectReturnCode::UnacceptableProtocolVersion => "unacceptable protocol version",
-        ConnectReturnCode::IdentifierRejected => "identifier rejected",
-        ConnectReturnCode::ServerUnavailable => "server unavailable",
-        ConnectReturnCode::BadUserNameOrPassword => "bad user name or password",
-        ConnectReturnCode::NotAuthorized => "not authorized",
+        reason::SUCCESS => "accepted",
+        reason::UNSUPPORTED_PROTOCOL_VERSION => "unacceptable protocol version",
+        reason::CLIENT_IDENTIFIER_NOT_VALID => "identifier rejected",
+        reason::SERVER_UNAVAILABLE => "server unavailable",
+        reason::BAD_USERNAME_OR_PASSWORD => "bad user name or password",
+        reason::NOT_AUTHORIZED => "not authorized",
+        reason::QUOTA_EXCEEDED => "quota exceeded",
+        _ => "refused",
     }
 }
 
@@ -74,6 +77,8 @@ pub struct Conn {
     pub rbuf: BytesMut,
     /// Bytes encoded but not yet written.
     pub wbuf: BytesMut,
+    /// The protocol version of the connection (`--mqtt`).
+    pub version: ProtocolVersion,
 }
 
 impl Conn {
@@ -84,16 +89,22 @@ impl Conn {
     pub async fn connect(
         addr: &str,
         tls: Option<&Tls>,
+        version: ProtocolVersion,
         client_id: &str,
         limit: Duration,
     ) -> Result<Conn, String> {
-        match timeout(limit, Conn::connect_inner(addr, tls, client_id)).await {
+        match timeout(limit, Conn::connect_inner(addr, tls, version, client_id)).await {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {} s", limit.as_secs_f64())),
         }
     }
 
-    async fn connect_inner(addr: &str, tls: Option<&Tls>, client_id: &str) -> Result<Conn, String> {
+    async fn connect_inner(
+        addr: &str,
+        tls: Option<&Tls>,
+        version: ProtocolVersion,
+        client_id: &str,
+    ) -> Result<Conn, String> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
         // Writes are already batched by the swarm; Nagle would only add latency to the tail.
         tcp.set_nodelay(true).map_err(|e| io_text(&e))?;
@@ -112,15 +123,17 @@ impl Conn {
             stream,
             rbuf: BytesMut::with_capacity(READ_CHUNK),
             wbuf: BytesMut::with_capacity(READ_CHUNK),
+            version,
         };
         let connect = Connect {
-            protocol: ProtocolVersion::V3_1_1,
+            protocol: version,
             clean_session: true,
             keep_alive: KEEP_ALIVE_SECS,
             client_id: Utf8Bytes::copy_from_str(client_id),
             will: None,
             username: None,
             password: None,
+            properties: Default::default(),
         };
         conn.queue(&Packet::Connect(Box::new(connect)));
         conn.flush().await.map_err(|e| io_text(&e))?;
@@ -131,9 +144,9 @@ impl Conn {
                 return Err("the broker answered with TLS: a TLS listener? (use --tls-ca FILE)".to_string());
             }
             match conn.next_packet()? {
-                Some(Packet::ConnAck(ConnAck { code: ConnectReturnCode::Accepted, .. })) => return Ok(conn),
+                Some(Packet::ConnAck(ConnAck { code: reason::SUCCESS, .. })) => return Ok(conn),
                 Some(Packet::ConnAck(ConnAck { code, .. })) => {
-                    return Err(format!("CONNACK code {} ({})", code as u8, code_text(code)))
+                    return Err(format!("CONNACK code 0x{code:02x} ({})", code_text(code)))
                 }
                 Some(other) => return Err(format!("expected CONNACK, got {}", packet_name(&other))),
                 None => conn.read_more().await?,
@@ -146,7 +159,8 @@ impl Conn {
     pub async fn subscribe(&mut self, filter: &str, qos: QoS, limit: Duration) -> Result<bool, String> {
         let sub = Subscribe {
             pkid: 1,
-            filters: vec![SubscribeFilter { filter: Utf8Bytes::copy_from_str(filter), qos }].into(),
+            filters: vec![SubscribeFilter::new(Utf8Bytes::copy_from_str(filter), qos)].into(),
+            subscription_id: None,
         };
         self.queue(&Packet::Subscribe(sub));
         let wait = async {
@@ -154,7 +168,7 @@ impl Conn {
             loop {
                 match self.next_packet()? {
                     Some(Packet::SubAck(ack)) if ack.pkid == 1 => {
-                        return Ok(!matches!(ack.codes.first(), Some(SubAckCode::Failure) | None))
+                        return Ok(ack.codes.first().is_some_and(|&c| c < 0x80))
                     }
                     // Nothing is published before every subscriber is ready, so anything else
                     // is a broker oddity, not data to account for.
@@ -190,7 +204,16 @@ impl Conn {
 
     /// Appends `p` to the write buffer.
     pub fn queue(&mut self, p: &Packet) {
-        encode(p, ProtocolVersion::V3_1_1, &mut self.wbuf);
+        encode(p, self.version, &mut self.wbuf);
+    }
+
+    /// Appends the head of a PUBLISH (everything but its payload) in the connection's protocol layout.
+    pub fn queue_publish_head(&mut self, topic: &str, qos: QoS, pkid: u16, payload_len: usize) {
+        if self.version == ProtocolVersion::V5 {
+            encode_publish_head_v5(topic, qos, pkid, false, false, &[], payload_len, &mut self.wbuf);
+        } else {
+            encode_publish_head(topic, qos, pkid, false, false, payload_len, &mut self.wbuf);
+        }
     }
 
     /// Writes the whole write buffer in one go (as few syscalls as the kernel allows).
@@ -231,13 +254,13 @@ impl Conn {
 
     /// Decodes the next complete packet from the read buffer, if any.
     pub fn next_packet(&mut self) -> Result<Option<Packet>, String> {
-        decode(&mut self.rbuf, ProtocolVersion::V3_1_1, MAX_PACKET).map_err(|e| format!("from broker: {e}"))
+        decode(&mut self.rbuf, self.version, MAX_PACKET).map_err(|e| format!("from broker: {e}"))
     }
 
     /// Sends DISCONNECT, half-closes and waits (at most a second) for the broker to close, so the
     /// socket never ends with a reset that could discard data the broker has not read yet.
     pub async fn close(mut self) {
-        self.queue(&Packet::Disconnect);
+        self.queue(&Packet::Disconnect(Disconnect::default()));
         if self.flush().await.is_err() {
             return;
         }
@@ -319,7 +342,8 @@ pub fn packet_name(p: &Packet) -> &'static str {
         Packet::UnsubAck(_) => "UNSUBACK",
         Packet::PingReq => "PINGREQ",
         Packet::PingResp => "PINGRESP",
-        Packet::Disconnect => "DISCONNECT",
+        Packet::Disconnect(_) => "DISCONNECT",
+        Packet::Auth(_) => "AUTH",
     }
 }
 

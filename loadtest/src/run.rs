@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use coremq::protocol::{encode_publish_head, publish_head_len, Packet, QoS};
+use coremq::protocol::{publish_head_len, publish_head_len_v5, Ack, Packet, ProtocolVersion, QoS};
 use hdrhistogram::Histogram;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::LocalSet;
@@ -325,8 +325,10 @@ impl Inflight {
 fn publisher_input(conn: &mut Conn, inflight: &mut Inflight) -> Result<(), String> {
     while let Some(p) = conn.next_packet()? {
         match p {
-            Packet::PubAck(id) | Packet::PubComp(id) => inflight.release(id),
-            Packet::PubRec(id) => conn.queue(&Packet::PubRel(id)),
+            Packet::PubAck(a) | Packet::PubComp(a) => inflight.release(a.pkid),
+            // A v5 PUBREC refusing the message ends its flow: no PUBREL (MQTT-4.3.3).
+            Packet::PubRec(a) if a.reason >= 0x80 => inflight.release(a.pkid),
+            Packet::PubRec(a) => conn.queue(&Packet::PubRel(Ack::ok(a.pkid))),
             Packet::PingResp | Packet::Publish(_) => {}
             other => return Err(format!("unexpected {} from broker", packet_name(&other))),
         }
@@ -342,17 +344,24 @@ async fn publisher(
     out: Rc<RefCell<ThreadOut>>,
 ) {
     let client_id = format!("swarm-{}-pub-{}", ctx.pid, spec.id);
-    let mut conn =
-        match Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await {
-            Ok(c) => {
-                let _ = events.send(Event::Pub(Ok(())));
-                c
-            }
-            Err(e) => {
-                let _ = events.send(Event::Pub(Err(format!("publisher {}: {e}", spec.id))));
-                return;
-            }
-        };
+    let mut conn = match Conn::connect(
+        &ctx.plan.addr,
+        ctx.plan.tls.as_ref(),
+        ctx.plan.version,
+        &client_id,
+        ctx.connect_left(),
+    )
+    .await
+    {
+        Ok(c) => {
+            let _ = events.send(Event::Pub(Ok(())));
+            c
+        }
+        Err(e) => {
+            let _ = events.send(Event::Pub(Err(format!("publisher {}: {e}", spec.id))));
+            return;
+        }
+    };
     if ctx.plan.rate == 0.0 {
         conn.limit_send_buffer(PUB_SNDBUF);
     }
@@ -388,7 +397,10 @@ async fn publish_loop(
     // A write still blocked this long after the end means the broker stopped reading.
     let write_deadline = ctx.instant(end).checked_add(DRAIN).unwrap_or_else(|| ctx.instant(end));
     let filler = vec![0x5a_u8; plan.payload.saturating_sub(STAMP_LEN)];
-    let msg_len = publish_head_len(spec.topic.len(), qos, plan.payload) + plan.payload;
+    let msg_len = match plan.version {
+        ProtocolVersion::V5 => publish_head_len_v5(spec.topic.len(), qos, 0, plan.payload),
+        _ => publish_head_len(spec.topic.len(), qos, plan.payload),
+    } + plan.payload;
     let batch_max = ((BATCH_BYTES / msg_len.max(1)) as u64).clamp(1, BATCH_MAX);
     let window = if qos == QoS::AtMostOnce { u64::MAX } else { u64::from(WINDOW) };
     let sent_slot = ctx.sent.get(spec.id as usize);
@@ -427,7 +439,7 @@ async fn publish_loop(
                         None => break,
                     }
                 };
-                encode_publish_head(&spec.topic, qos, pkid, false, false, plan.payload, &mut conn.wbuf);
+                conn.queue_publish_head(&spec.topic, qos, pkid, plan.payload);
                 let stamp = Stamp { tag: ctx.tag, publisher: spec.id as u16, seq, sent_ns: stamp_ns };
                 conn.wbuf.extend_from_slice(&stamp.to_bytes());
                 conn.wbuf.extend_from_slice(&filler);
@@ -503,14 +515,21 @@ async fn subscriber(
     out: Rc<RefCell<ThreadOut>>,
 ) {
     let client_id = format!("swarm-{}-sub-{}", ctx.pid, spec.id);
-    let mut conn =
-        match Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = events.send(Event::Sub(spec.id, Err(format!("subscriber {}: {e}", spec.id))));
-                return;
-            }
-        };
+    let mut conn = match Conn::connect(
+        &ctx.plan.addr,
+        ctx.plan.tls.as_ref(),
+        ctx.plan.version,
+        &client_id,
+        ctx.connect_left(),
+    )
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = events.send(Event::Sub(spec.id, Err(format!("subscriber {}: {e}", spec.id))));
+            return;
+        }
+    };
     match conn.subscribe(&spec.filter, ctx.plan.qos, ctx.connect_left().max(Duration::from_secs(1))).await {
         Ok(granted) => {
             let _ = events.send(Event::Sub(spec.id, Ok(granted)));
@@ -582,8 +601,8 @@ fn subscriber_input(
     while let Some(p) = conn.next_packet()? {
         let p = match p {
             Packet::Publish(p) => p,
-            Packet::PubRel(id) => {
-                conn.queue(&Packet::PubComp(id));
+            Packet::PubRel(a) => {
+                conn.queue(&Packet::PubComp(Ack::ok(a.pkid)));
                 continue;
             }
             _ => continue,
@@ -591,8 +610,8 @@ fn subscriber_input(
         all += 1;
         match p.qos {
             QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => conn.queue(&Packet::PubAck(p.pkid)),
-            QoS::ExactlyOnce => conn.queue(&Packet::PubRec(p.pkid)),
+            QoS::AtLeastOnce => conn.queue(&Packet::PubAck(Ack::ok(p.pkid))),
+            QoS::ExactlyOnce => conn.queue(&Packet::PubRec(Ack::ok(p.pkid))),
         }
         let Some(stamp) = Stamp::parse(&p.payload) else {
             foreign += 1;
@@ -637,7 +656,14 @@ async fn storm_conn(
     let client_id = format!("swarm-{}-storm-{n}", ctx.pid);
     let permit = sem.acquire().await;
     let t0 = ctx.now_ns();
-    let r = Conn::connect(&ctx.plan.addr, ctx.plan.tls.as_ref(), &client_id, ctx.connect_left()).await;
+    let r = Conn::connect(
+        &ctx.plan.addr,
+        ctx.plan.tls.as_ref(),
+        ctx.plan.version,
+        &client_id,
+        ctx.connect_left(),
+    )
+    .await;
     let t1 = ctx.now_ns();
     drop(permit);
     match r {

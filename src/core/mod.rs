@@ -9,12 +9,14 @@
 //! session resumption never need another core's state. Cross-core effects go through `Mesh::stage`.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use smallvec::SmallVec;
 use tokio::sync::Notify;
@@ -23,11 +25,12 @@ use crate::auth::acl::Acl;
 use crate::auth::password::{PasswordFile, VerifyCache};
 use crate::auth::AuthFiles;
 use crate::io::Conn;
+use crate::protocol::properties::{self, Properties};
 use crate::protocol::{
-    self, ConnAck, Connect, ConnectReturnCode, Packet, Publish, QoS, SubAck, SubAckCode, Subscribe,
-    Unsubscribe, Utf8Bytes, Will,
+    self, reason, Ack, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, Publish, QoS, SubAck,
+    Subscribe, UnsubAck, Unsubscribe, Utf8Bytes, Will,
 };
-use crate::session::{Delivered, Limits, Message, OutFrame, Outbox, Session};
+use crate::session::{Delivered, Limits, Message, MsgProps, OutFrame, Outbox, Session, SubIds, SubOpts};
 use crate::stats::Stats;
 use crate::topic::{level_count, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
 use crate::xcore::{Handoff, Mesh, XMsg};
@@ -57,6 +60,17 @@ pub struct Settings {
     pub passwords: Option<PasswordFile>,
     /// Access rules (`[auth] acl_file`); `None`: every client may publish and subscribe to anything.
     pub acl: Option<Acl>,
+    /// Largest keep-alive (seconds): v5 clients are told it (Server Keep Alive), 3.1.1 ones above it are
+    /// refused.
+    pub max_keepalive: u16,
+    /// Cap on session expiry (seconds; `u32::MAX` = never expire).
+    pub max_session_expiry: u32,
+    /// Topic aliases a v5 client may set towards the broker.
+    pub topic_alias_maximum: u16,
+    /// Unacknowledged inbound QoS 1/2 PUBLISHes a v5 client may have (its excess is DISCONNECT 0x93).
+    pub receive_maximum: u16,
+    /// Response Information for v5 clients that request it.
+    pub response_information: Option<Utf8Bytes>,
 }
 
 /// The policy for an online session whose queue is full (`slow_subscriber` in config).
@@ -157,9 +171,24 @@ struct ConnEntry {
     /// 1.5 × keep-alive after it, `None` for keep-alive 0.
     timeout: Option<Duration>,
     session: Option<usize>,
-    will: Option<Will>,
+    will: Option<Box<Will>>,
     /// PUBLISHes held back by the pause policy (boxed: most connections never have any).
     held: Option<Box<Held>>,
+    /// v5 state of the connection; `None` for 3.1/3.1.1 (and before CONNECT).
+    v5: Option<Box<V5Conn>>,
+}
+
+/// What a v5 connection needs beyond a 3.1.1 one.
+struct V5Conn {
+    /// Topic aliases the client set (alias n at index n - 1), at most `topic_alias_maximum`.
+    aliases: Vec<Option<Utf8Bytes>>,
+    /// The client's Maximum Packet Size: a larger PUBLISH is not sent to it (MQTT-3.1.2-24).
+    max_packet: usize,
+    /// The client takes topic aliases from the broker (its Topic Alias Maximum is above 0): its QoS 0
+    /// deliveries cannot share a frame, since the writer picks the alias per connection.
+    aliases_out: bool,
+    /// The Session Expiry Interval was 0 at CONNECT: a DISCONNECT may not raise it (MQTT-3.14.2-2).
+    expiry_was_zero: bool,
 }
 
 struct SessionEntry {
@@ -175,16 +204,25 @@ struct SessionEntry {
     /// The ACL has deny rules for this client: deliveries are checked one by one (otherwise a
     /// subscription the ACL allowed covers only readable topics).
     check_reads: bool,
+    /// Seconds the session outlives its connection: 0 = ends with it, `u32::MAX` = never expires.
+    expiry: u32,
+    /// When the client went offline (for expiry).
+    offline_since: Option<Instant>,
+    /// A v5 will waiting for its Will Delay Interval, and when it is due.
+    pending_will: Option<(Box<Will>, Instant)>,
 }
 
 /// What the reader does after a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {
     Continue,
-    /// The client sent DISCONNECT: close without the will.
-    Disconnect,
-    /// A protocol violation: close at once; the will is published.
-    Close(&'static str),
+    /// The client sent DISCONNECT: close; `will` (v5 reason 0x04) publishes the will anyway.
+    Disconnect {
+        will: bool,
+    },
+    /// A protocol violation: close at once (after a v5 DISCONNECT with this reason code); the will is
+    /// published. The string is what the shutdown report counts.
+    Close(u8, &'static str),
 }
 
 /// How many messages one drain of the inbound rings takes per source before the core goes back to its
@@ -200,8 +238,8 @@ pub struct Core {
     conns: Slab<ConnEntry>,
     sessions: Slab<SessionEntry>,
     by_client: HashMap<Utf8Bytes, usize>,
-    /// Subscriptions of this core's sessions: filter -> (session key, granted QoS).
-    index: SubscriptionIndex<usize, QoS>,
+    /// Subscriptions of this core's sessions: filter -> (session key, options).
+    index: SubscriptionIndex<usize, SubOpts>,
     /// Filters other cores have subscribers for: filter -> core id.
     interest: SubscriptionIndex<usize, ()>,
     /// Filters of congested sessions on every core (this one included): filter -> [`congestion_key`].
@@ -230,7 +268,18 @@ pub struct Core {
     trim_due: bool,
     /// Credentials that verified recently: a reconnect costs one hash, not a PBKDF2 derivation.
     verified: VerifyCache,
+    /// Offline sessions that expire, by deadline (entries are checked when popped: a session that came
+    /// back or changed its expiry leaves a stale one behind).
+    expiring: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Sessions with a delayed will.
+    pending_wills: Vec<usize>,
+    /// Connections the broker closed after queueing a v5 DISCONNECT: their writer flushes it, and they are
+    /// shut down hard at the deadline if it could not.
+    lingering: Vec<(Rc<ConnCtl>, Instant)>,
 }
+
+/// How long a connection closed by the broker with a v5 DISCONNECT may take to flush it.
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Usernames whose verified password the cache keeps per core.
 const VERIFY_CACHE: usize = 100_000;
@@ -249,23 +298,54 @@ pub fn home_core(client_id: &str, cores: usize) -> usize {
     (h.finish() % cores.max(1) as u64) as usize
 }
 
-/// Checks a CONNECT before any session work (on the core that read it). `Err` is the CONNACK code to
-/// send before closing; `Ok(false)` means close without an answer (malformed will topic).
-pub fn check_connect(c: &Connect, settings: &Settings) -> Result<bool, ConnectReturnCode> {
-    if c.client_id.is_empty() && !c.clean_session {
-        // MQTT-3.1.3-8: a zero-byte client id needs clean session.
-        return Err(ConnectReturnCode::IdentifierRejected);
+/// Checks a CONNECT before any session work (on the core that read it). `Err` is the CONNACK reason code
+/// (v5; downgraded for older clients) and a reason string; `Ok(false)` means close without an answer
+/// (malformed will topic on 3.1.1).
+pub fn check_connect(c: &Connect, settings: &Settings) -> Result<bool, (u8, &'static str)> {
+    let v5 = c.protocol == ProtocolVersion::V5;
+    if c.client_id.is_empty() && !c.clean_session && !v5 {
+        // MQTT-3.1.3-8: a zero-byte client id needs clean session (v5 assigns one either way).
+        return Err((reason::CLIENT_IDENTIFIER_NOT_VALID, "identifier rejected"));
     }
     if c.client_id.len() > settings.max_client_id_len {
         // MQTT-3.1.3-5 lets a server refuse long ids; 0x02 is the code for it.
-        return Err(ConnectReturnCode::IdentifierRejected);
+        return Err((reason::CLIENT_IDENTIFIER_NOT_VALID, "identifier rejected"));
+    }
+    if !v5 && c.keep_alive > settings.max_keepalive {
+        // 3.1.1 cannot be told another keep-alive: refused as mosquitto does.
+        return Err((reason::CLIENT_IDENTIFIER_NOT_VALID, "keep alive above max_keepalive"));
+    }
+    if c.properties.authentication_method.is_some() {
+        // No enhanced authentication is configured (MQTT-4.12.0-1).
+        return Err((reason::BAD_AUTHENTICATION_METHOD, "bad authentication method"));
     }
     if let Some(w) = &c.will {
         if !valid_topic_name(w.topic.as_str()) || level_count(w.topic.as_str()) > settings.max_topic_levels {
-            return Ok(false);
+            return if v5 { Err((reason::TOPIC_NAME_INVALID, "invalid will topic")) } else { Ok(false) };
         }
     }
     Ok(true)
+}
+
+/// The v5 properties a message carries on: those forwarded unchanged, encoded once, and its expiry.
+/// `None` when there are none, so that a plain message allocates nothing.
+pub fn message_props(p: Option<&Properties>, now: Instant) -> Option<Arc<MsgProps>> {
+    let p = p?;
+    let forward = Properties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type.clone(),
+        response_topic: p.response_topic.clone(),
+        correlation_data: p.correlation_data.clone(),
+        user_properties: p.user_properties.clone(),
+        ..Properties::default()
+    };
+    let expires = p.message_expiry_interval.and_then(|s| now.checked_add(Duration::from_secs(u64::from(s))));
+    if forward.is_empty() && expires.is_none() {
+        return None;
+    }
+    let mut buf = BytesMut::new();
+    properties::encode_properties_body(&forward, &mut buf);
+    Some(Arc::new(MsgProps { forward: buf.freeze(), expires }))
 }
 
 impl Core {
@@ -294,6 +374,9 @@ impl Core {
             closed_at_last_sweep: 0,
             trim_due: false,
             verified: VerifyCache::new(VERIFY_CACHE),
+            expiring: BinaryHeap::new(),
+            pending_wills: Vec::new(),
+            lingering: Vec::new(),
         }
     }
 
@@ -351,6 +434,7 @@ impl Core {
             session: None,
             will: None,
             held: None,
+            v5: None,
         })
     }
 
@@ -383,17 +467,27 @@ impl Core {
 
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
-    pub fn connect(&mut self, key: usize, c: Connect) {
-        let Connect { clean_session, keep_alive, client_id, will, username, .. } = c;
+    /// `assigned`: the broker chose the client id (a v5 client is told it in CONNACK).
+    pub fn connect(&mut self, key: usize, c: Connect, assigned: bool) {
+        let now = Instant::now();
+        let Connect { protocol, clean_session, keep_alive, client_id, will, username, properties, .. } = c;
+        let v5 = protocol == ProtocolVersion::V5;
+        // Clean session = false is a session that never expires on 3.1.1 (unless config caps it).
+        let requested = match (v5, clean_session) {
+            (true, _) => properties.session_expiry_interval.unwrap_or(0),
+            (false, true) => 0,
+            (false, false) => u32::MAX,
+        };
+        let expiry = requested.min(self.settings.max_session_expiry);
         let mut session_present = false;
         if let Some(&skey) = self.by_client.get(&client_id) {
             // Takeover (MQTT-3.1.4-2): the old connection is closed before the new one is attached, and
             // both happen inside this one borrow, so no delivery can reach both.
             if let Some(old) = self.sessions.get_mut(skey).and_then(|s| s.conn.take()) {
                 self.stats.count_closed("session taken over");
-                self.close_conn(old, false, true);
+                self.close_conn(old, false, Some((reason::SESSION_TAKEN_OVER, "session taken over")));
             }
-            if clean_session || self.sessions.get(skey).is_some_and(|s| s.session.clean) {
+            if clean_session || self.sessions.get(skey).is_some_and(|s| s.expiry == 0) {
                 self.end_session(skey);
             } else {
                 session_present = true;
@@ -402,7 +496,7 @@ impl Core {
         let skey = match self.by_client.get(&client_id) {
             Some(&skey) => skey,
             None => {
-                let s = Session::new(client_id.clone(), clean_session, self.settings.limits);
+                let s = Session::new(client_id.clone(), expiry == 0, self.settings.limits);
                 let skey = self.sessions.insert(SessionEntry {
                     session: s,
                     conn: None,
@@ -410,30 +504,75 @@ impl Core {
                     stalled_since: None,
                     username: None,
                     check_reads: false,
+                    expiry,
+                    offline_since: None,
+                    pending_will: None,
                 });
-                self.by_client.insert(client_id, skey);
+                self.by_client.insert(client_id.clone(), skey);
                 skey
             }
         };
+        // v5 keep-alive: the broker's maximum wins, and the client is told (MQTT-3.2.2-21).
+        let max_ka = self.settings.max_keepalive;
+        let server_keep_alive =
+            (v5 && (keep_alive > max_ka || (keep_alive == 0 && max_ka < u16::MAX))).then_some(max_ka);
+        let keep_alive = server_keep_alive.unwrap_or(keep_alive);
         let Some(entry) = self.conns.get_mut(key) else { return };
         entry.session = Some(skey);
-        entry.will = will;
+        entry.will = will.map(Box::new);
         entry.timeout = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        if v5 {
+            entry.v5 = Some(Box::new(V5Conn {
+                aliases: Vec::new(),
+                max_packet: properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+                aliases_out: properties.topic_alias_maximum.unwrap_or(0) > 0,
+                expiry_was_zero: expiry == 0,
+            }));
+        }
         let ctl = entry.ctl.clone();
         let Some(se) = self.sessions.get_mut(skey) else { return };
         se.conn = Some(key);
+        se.offline_since = None;
+        se.expiry = expiry;
+        se.session.clean = expiry == 0;
+        // A will waiting for its delay is not sent once the session has a connection again (MQTT-3.1.3-9).
+        se.pending_will = None;
+        // The client's Receive Maximum caps the configured window (MQTT-3.3.4-9).
+        let window = properties.receive_maximum.unwrap_or(u16::MAX).min(self.settings.limits.max_inflight);
+        se.session.set_max_inflight(window);
         if let Some(acl) = &self.settings.acl {
             // Sticky: a resumed session may hold subscriptions granted under an ACL since reloaded.
             se.check_reads = se.check_reads
                 || acl.has_deny_for(username.as_ref().map(|u| u.as_str()), se.session.client_id.as_str());
         }
         se.username = username;
+        let connack_props = v5.then(|| {
+            let s = &self.settings;
+            Box::new(Properties {
+                assigned_client_identifier: assigned.then(|| client_id.clone()),
+                server_keep_alive,
+                session_expiry_interval: (expiry != requested).then_some(expiry),
+                receive_maximum: Some(s.receive_maximum),
+                maximum_packet_size: Some(u32::try_from(s.max_packet_size).unwrap_or(u32::MAX)),
+                topic_alias_maximum: (s.topic_alias_maximum > 0).then_some(s.topic_alias_maximum),
+                wildcard_subscription_available: Some(1),
+                subscription_identifier_available: Some(1),
+                shared_subscription_available: Some(1),
+                response_information: match properties.request_response_information {
+                    Some(1) => s.response_information.clone(),
+                    _ => None,
+                },
+                ..Properties::default()
+            })
+        });
         {
             let mut out = ctl.outbox.borrow_mut();
             out.push_back(OutFrame::Control(Packet::ConnAck(ConnAck {
                 session_present,
-                code: ConnectReturnCode::Accepted,
+                code: reason::SUCCESS,
+                properties: connack_props,
             })));
+            se.session.expire(now);
             se.session.resume(&mut out);
         }
         self.mark_dirty(&ctl);
@@ -443,31 +582,85 @@ impl Core {
     /// Handles one packet from an established connection.
     pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
         let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
-            return Flow::Close("packet before CONNECT");
+            return Flow::Close(reason::PROTOCOL_ERROR, "packet before CONNECT");
         };
         match packet {
             Packet::Publish(p) => self.on_publish(key, skey, p, now),
-            Packet::PubAck(id) => {
-                self.with_session(key, skey, |s, out| s.on_puback(id, out));
+            Packet::PubAck(a) => {
+                self.with_session(key, skey, |s, out| {
+                    s.expire(now);
+                    s.on_puback(a.pkid, out)
+                });
                 self.progressed(skey, now);
                 Flow::Continue
             }
-            Packet::PubRec(id) => self.with_session(key, skey, |s, out| s.on_pubrec(id, out)),
-            Packet::PubRel(id) => self.with_session(key, skey, |s, out| s.on_pubrel(id, out)),
-            Packet::PubComp(id) => {
-                self.with_session(key, skey, |s, out| s.on_pubcomp(id, out));
+            Packet::PubRec(a) if a.reason >= 0x80 => {
+                // v5: the subscriber refused the message; its QoS 2 flow ends here (no PUBREL).
+                self.with_session(key, skey, |s, out| {
+                    s.expire(now);
+                    s.on_pubrec_refused(a.pkid, out)
+                });
+                self.progressed(skey, now);
+                Flow::Continue
+            }
+            Packet::PubRec(a) => self.with_session(key, skey, |s, out| s.on_pubrec(a.pkid, out)),
+            Packet::PubRel(a) => self.with_session(key, skey, |s, out| s.on_pubrel(a.pkid, out)),
+            Packet::PubComp(a) => {
+                self.with_session(key, skey, |s, out| {
+                    s.expire(now);
+                    s.on_pubcomp(a.pkid, out)
+                });
                 self.progressed(skey, now);
                 Flow::Continue
             }
             Packet::Subscribe(s) => self.on_subscribe(key, skey, s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(key, skey, u),
             Packet::PingReq => self.reply(key, Packet::PingResp),
-            Packet::Disconnect => Flow::Disconnect,
-            Packet::Connect(_) => Flow::Close("second CONNECT"),
+            Packet::Disconnect(d) => self.on_disconnect(key, skey, d),
+            Packet::Auth(_) => {
+                // No enhanced authentication: the CONNECT had no Authentication Method (MQTT-4.12.0-1).
+                Flow::Close(reason::PROTOCOL_ERROR, "AUTH without authentication method")
+            }
+            Packet::Connect(_) => Flow::Close(reason::PROTOCOL_ERROR, "second CONNECT"),
             Packet::ConnAck(_) | Packet::SubAck(_) | Packet::UnsubAck(_) | Packet::PingResp => {
-                Flow::Close("server-to-client packet from a client")
+                Flow::Close(reason::PROTOCOL_ERROR, "server-to-client packet from a client")
             }
         }
+    }
+
+    /// DISCONNECT from the client. v5: it may change the session expiry (but not from 0, MQTT-3.14.2-2),
+    /// and reason 0x04 asks for the will to be published.
+    fn on_disconnect(&mut self, key: usize, skey: usize, d: Disconnect) -> Flow {
+        if let Some(x) = d.properties.as_ref().and_then(|p| p.session_expiry_interval) {
+            let was_zero = self.conns.get(key).and_then(|c| c.v5.as_ref()).is_some_and(|v| v.expiry_was_zero);
+            if was_zero && x != 0 {
+                return Flow::Close(
+                    reason::PROTOCOL_ERROR,
+                    "session expiry set at DISCONNECT after 0 at CONNECT",
+                );
+            }
+            let cap = self.settings.max_session_expiry;
+            if let Some(se) = self.sessions.get_mut(skey) {
+                se.expiry = x.min(cap);
+                se.session.clean = se.expiry == 0;
+            }
+        }
+        Flow::Disconnect { will: d.reason == reason::DISCONNECT_WITH_WILL }
+    }
+
+    /// Queues a v5 DISCONNECT with `code` (and `why` as its reason string) for the connection, if it is a
+    /// v5 one; 3.1.1 has no such packet. Returns whether one was queued.
+    pub fn send_disconnect(&mut self, key: usize, code: u8, why: &str) -> bool {
+        let Some(c) = self.conns.get(key) else { return false };
+        if c.v5.is_none() {
+            return false;
+        }
+        let ctl = c.ctl.clone();
+        ctl.outbox
+            .borrow_mut()
+            .push_back(OutFrame::Control(Packet::Disconnect(Disconnect::with_reason(code, Some(why)))));
+        self.mark_dirty(&ctl);
+        true
     }
 
     fn reply(&mut self, key: usize, p: Packet) -> Flow {
@@ -489,12 +682,53 @@ impl Core {
         Flow::Continue
     }
 
-    fn on_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) -> Flow {
+    fn on_publish(&mut self, key: usize, skey: usize, mut p: Publish, now: Instant) -> Flow {
+        if let Some(props) = &p.properties {
+            // v5 only: the decoder gives properties to nothing else.
+            if !props.subscription_identifiers.is_empty() {
+                // MQTT-3.3.4-6: subscription identifiers go from the server to clients only.
+                return Flow::Close(reason::PROTOCOL_ERROR, "subscription identifier in PUBLISH");
+            }
+            if let Some(alias) = props.topic_alias {
+                let max = self.settings.topic_alias_maximum;
+                let Some(v5) = self.conns.get_mut(key).and_then(|c| c.v5.as_mut()) else {
+                    return Flow::Close(reason::PROTOCOL_ERROR, "topic alias before v5");
+                };
+                if alias == 0 || alias > max {
+                    return Flow::Close(reason::TOPIC_ALIAS_INVALID, "topic alias out of range");
+                }
+                let i = usize::from(alias - 1);
+                if p.topic.is_empty() {
+                    match v5.aliases.get(i).cloned().flatten() {
+                        Some(t) => p.topic = t,
+                        None => return Flow::Close(reason::TOPIC_ALIAS_INVALID, "unknown topic alias"),
+                    }
+                } else {
+                    if v5.aliases.len() <= i {
+                        v5.aliases.resize(i + 1, None);
+                    }
+                    // Its own allocation: the alias outlives the read buffer the topic is a slice of.
+                    v5.aliases[i] = Some(Utf8Bytes::copy_from_str(p.topic.as_str()));
+                }
+            }
+        }
+        let v5 = self.conns.get(key).is_some_and(|c| c.v5.is_some());
         if !valid_topic_name(p.topic.as_str()) {
-            return Flow::Close("invalid topic name in PUBLISH");
+            return Flow::Close(reason::TOPIC_NAME_INVALID, "invalid topic name in PUBLISH");
         }
         if level_count(p.topic.as_str()) > self.settings.max_topic_levels {
-            return Flow::Close("too many topic levels in PUBLISH");
+            return Flow::Close(reason::TOPIC_NAME_INVALID, "too many topic levels in PUBLISH");
+        }
+        if v5 && p.qos != QoS::AtMostOnce {
+            // The broker's Receive Maximum (MQTT-3.3.4-7): QoS 1/2 PUBLISHes not yet acknowledged are those
+            // held back and the QoS 2 flows awaiting PUBREL. A resent QoS 2 id is not a new one.
+            let held = self.conns.get(key).and_then(|c| c.held.as_ref()).map_or(0, |h| h.packets.len());
+            let (qos2, resend) = self.sessions.get(skey).map_or((0, false), |se| {
+                (se.session.inbound_qos2_len(), se.session.has_inbound_qos2(p.pkid))
+            });
+            if !resend && held + qos2 >= usize::from(self.settings.receive_maximum) {
+                return Flow::Close(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded");
+            }
         }
         // QoS 0 is never held: it is not acknowledged, and a congested subscriber's outbox bounds it.
         if p.qos != QoS::AtMostOnce {
@@ -510,30 +744,54 @@ impl Core {
     }
 
     /// Acknowledges a valid PUBLISH and routes it if the ACL lets this client publish to its topic. A
-    /// denied one is still acknowledged (3.1.1 has no way to refuse it; mosquitto does the same).
+    /// denied one is acknowledged too: with reason 0x87 on v5, as success on 3.1.1 (which has no way to
+    /// refuse it; mosquitto does the same).
     fn accept_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) {
         self.stats.msgs_in += 1;
         let allowed = self.may_publish(skey, p.topic.as_str());
         if !allowed {
             self.stats.denied += 1;
         }
+        let v5 = self.conns.get(key).is_some_and(|c| c.v5.is_some());
+        // v5 acknowledgements say when nobody was listening (0x10, as mosquitto does) or the ACL refused.
+        let code = match (v5, allowed) {
+            (false, _) => reason::SUCCESS,
+            (true, false) => reason::NOT_AUTHORIZED,
+            (true, true) if p.qos != QoS::AtMostOnce && !self.has_subscribers(p.topic.as_str()) => {
+                reason::NO_MATCHING_SUBSCRIBERS
+            }
+            (true, true) => reason::SUCCESS,
+        };
         let route = match p.qos {
             QoS::AtMostOnce => true,
             QoS::AtLeastOnce => {
-                self.reply(key, Packet::PubAck(p.pkid));
+                self.reply(key, Packet::PubAck(Ack { pkid: p.pkid, reason: code }));
                 true
             }
             QoS::ExactlyOnce => {
                 let mut first = false;
-                self.with_session(key, skey, |s, out| first = s.on_inbound_qos2(p.pkid, out));
+                self.with_session(key, skey, |s, out| first = s.on_inbound_qos2_reason(p.pkid, code, out));
                 first
             }
         };
         if route && allowed {
-            let msg =
-                Message { topic: p.topic, payload: p.payload, qos: p.qos, retain: p.retain, received: now };
-            self.publish(msg);
+            let props = message_props(p.properties.as_deref(), now);
+            let msg = Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                received: now,
+                props,
+            };
+            self.publish_from(msg, Some(skey));
         }
+    }
+
+    /// Whether any subscription on any core may match `topic` (this core's index, and the interest other
+    /// cores announced).
+    fn has_subscribers(&self, topic: &str) -> bool {
+        self.index.any_match(topic) || self.interest.any_match(topic)
     }
 
     /// The ACL's write check for the client of session `skey`.
@@ -634,7 +892,7 @@ impl Core {
             .session
             .subscriptions
             .iter()
-            .filter(|(_, &q)| q != QoS::AtMostOnce)
+            .filter(|(_, o)| o.qos != QoS::AtMostOnce)
             .map(|(f, _)| f.clone())
             .collect();
         se.congested = Some(filters.clone());
@@ -668,7 +926,12 @@ impl Core {
     /// Routes a message published by a client of this core (or a will): retained store, local
     /// subscribers, and every other core with interest (all of them for a retained message, so that
     /// each core's retained copy stays whole).
-    pub fn publish(&mut self, mut msg: Message) {
+    pub fn publish(&mut self, msg: Message) {
+        self.publish_from(msg, None);
+    }
+
+    /// [`Core::publish`] for a message from the client of session `origin` (v5 No Local).
+    fn publish_from(&mut self, mut msg: Message, origin: Option<usize>) {
         let mut mask: u64 = 0;
         if msg.retain {
             // Kept by every core's retained store: compact once here, not on each core.
@@ -688,7 +951,7 @@ impl Core {
             mask &= mask - 1;
             self.mesh.stage(dst, XMsg::Publish(msg.clone()));
         }
-        self.deliver_local(&msg);
+        self.deliver_local(&msg, origin);
     }
 
     fn store_retained(&mut self, msg: &Message) {
@@ -699,36 +962,63 @@ impl Core {
         }
     }
 
-    /// Delivers to this core's matching sessions: once per session at the highest granted QoS.
-    fn deliver_local(&mut self, msg: &Message) {
-        let mut matches: SmallVec<[(usize, QoS); 16]> = SmallVec::new();
-        self.index.for_each_match(msg.topic.as_str(), |skey, &qos| matches.push((skey, qos)));
+    /// Delivers to this core's matching sessions: once per session at the highest granted QoS, carrying
+    /// the identifiers of every matching subscription (MQTT-3.3.4-3/5). `origin` is the publisher's session
+    /// when it is on this core: its No Local subscriptions do not match.
+    fn deliver_local(&mut self, msg: &Message, origin: Option<usize>) {
+        let mut matches: SmallVec<[(usize, SubOpts); 16]> = SmallVec::new();
+        self.index.for_each_match(msg.topic.as_str(), |skey, o| {
+            if !(o.no_local && origin == Some(skey)) {
+                matches.push((skey, *o));
+            }
+        });
         if matches.is_empty() {
             return;
         }
-        if matches.len() > 1 {
-            // Overlapping subscriptions of one client: deliver once at the highest QoS (MQTT-3.3.5-1).
-            matches.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
-            matches.dedup_by_key(|m| m.0);
-        }
-        let mut shared: Option<bytes::Bytes> = None;
+        let mut shared = SharedFrames::default();
         let mut compact: Option<Message> = None;
-        for (skey, granted) in matches {
-            let qos = msg.qos.min(granted);
-            self.deliver_to(skey, msg, qos, false, &mut shared, &mut compact);
+        if matches.len() == 1 {
+            let (skey, o) = matches[0];
+            let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
+            let retain = msg.retain && o.retain_as_published;
+            self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut shared, &mut compact);
+            return;
+        }
+        // Overlapping subscriptions of one client: deliver once at the highest QoS (MQTT-3.3.5-1).
+        matches.sort_unstable_by_key(|m| m.0);
+        let mut i = 0;
+        while i < matches.len() {
+            let skey = matches[i].0;
+            let mut qos = QoS::AtMostOnce;
+            let mut retain = false;
+            let mut ids = SubIds::new();
+            while let Some(&(k, o)) = matches.get(i) {
+                if k != skey {
+                    break;
+                }
+                qos = qos.max(o.qos);
+                retain |= msg.retain && o.retain_as_published;
+                if o.id != 0 && !ids.contains(&o.id) {
+                    ids.push(o.id);
+                }
+                i += 1;
+            }
+            self.deliver_to(skey, msg, msg.qos.min(qos), retain, ids, &mut shared, &mut compact);
         }
     }
 
-    /// One delivery to one session. `shared` caches the QoS 0 frame of this message on this core, and
-    /// `compact` its compacted copy for sessions that will queue it (one copy per message, not per
-    /// subscriber).
+    /// One delivery to one session. `shared` caches the QoS 0 frames of this message on this core (one per
+    /// protocol layout), and `compact` its compacted copy for sessions that will queue it (one copy per
+    /// message, not per subscriber).
+    #[allow(clippy::too_many_arguments)]
     fn deliver_to(
         &mut self,
         skey: usize,
         msg: &Message,
         qos: QoS,
         retain: bool,
-        shared: &mut Option<bytes::Bytes>,
+        sub_ids: SubIds,
+        shared: &mut SharedFrames,
         compact: &mut Option<Message>,
     ) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
@@ -740,7 +1030,20 @@ impl Core {
                 }
             }
         }
-        let ctl = se.conn.and_then(|k| self.conns.get(k)).map(|c| c.ctl.clone());
+        if msg.props.as_ref().is_some_and(|p| p.expires.is_some()) && msg.expired(Instant::now()) {
+            // MQTT-3.3.2-5: an expired message is not delivered.
+            return;
+        }
+        let conn = se.conn.and_then(|k| self.conns.get(k));
+        let ctl = conn.map(|c| c.ctl.clone());
+        let v5 = conn.and_then(|c| c.v5.as_deref());
+        if let Some(v5) = v5 {
+            if outbound_size(msg, qos, &sub_ids) > v5.max_packet {
+                // MQTT-3.1.2-25: a packet over the client's Maximum Packet Size is dropped for that client.
+                self.stats.dropped += 1;
+                return;
+            }
+        }
         match (&ctl, qos) {
             (Some(ctl), QoS::AtMostOnce) => {
                 let mut out = ctl.outbox.borrow_mut();
@@ -749,35 +1052,17 @@ impl Core {
                     self.stats.dropped += 1;
                     return;
                 }
-                if retain {
-                    se.session.deliver(msg.clone(), qos, true, Some(&mut out));
+                // A frame shared by every QoS 0 subscriber of this layout; per-subscriber heads where the
+                // subscriber needs its own (retained, retain as published, subscription ids, aliases,
+                // expiry that counts down).
+                let own = retain
+                    || !sub_ids.is_empty()
+                    || v5.is_some_and(|v| v.aliases_out)
+                    || (v5.is_some() && msg.props.as_ref().is_some_and(|p| p.expires.is_some()));
+                if own {
+                    se.session.deliver_with(msg.clone(), qos, retain, sub_ids, Some(&mut out));
                 } else {
-                    let frame = shared
-                        .get_or_insert_with(|| {
-                            // Frames are carved from 64 KiB blocks so that encoding costs an allocation
-                            // per block, not per message.
-                            let need = protocol::publish_head_len(
-                                msg.topic.len(),
-                                QoS::AtMostOnce,
-                                msg.payload.len(),
-                            ) + msg.payload.len();
-                            if self.frame_buf.capacity() < need {
-                                self.frame_buf.reserve(need.max(FRAME_BLOCK));
-                            }
-                            protocol::encode_publish(
-                                &Publish {
-                                    dup: false,
-                                    qos: QoS::AtMostOnce,
-                                    retain: false,
-                                    topic: msg.topic.clone(),
-                                    pkid: 0,
-                                    payload: msg.payload.clone(),
-                                },
-                                &mut self.frame_buf,
-                            );
-                            self.frame_buf.split().freeze()
-                        })
-                        .clone();
+                    let frame = shared.get(v5.is_some(), msg, &mut self.frame_buf);
                     out.push_back(OutFrame::Shared { frame, received: msg.received });
                 }
             }
@@ -789,7 +1074,9 @@ impl Core {
                     msg.clone()
                 };
                 let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
-                if se.session.deliver(m, qos, retain, guard.as_deref_mut()) == Delivered::Dropped {
+                if se.session.deliver_with(m, qos, retain, sub_ids, guard.as_deref_mut())
+                    == Delivered::Dropped
+                {
                     self.stats.dropped += 1;
                 }
                 let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
@@ -805,12 +1092,13 @@ impl Core {
     }
 
     fn on_subscribe(&mut self, key: usize, skey: usize, sub: Subscribe) -> Flow {
-        let mut codes: SmallVec<[SubAckCode; 2]> = SmallVec::new();
-        let mut granted_filters: SmallVec<[(Utf8Bytes, QoS); 2]> = SmallVec::new();
+        let mut codes: SmallVec<[u8; 2]> = SmallVec::new();
+        let mut granted_filters: SmallVec<[(Utf8Bytes, SubOpts); 2]> = SmallVec::new();
+        let id = sub.subscription_id.unwrap_or(0);
         for f in sub.filters {
             let filter = f.filter.as_str();
             if !valid_topic_filter(filter) || level_count(filter) > self.settings.max_topic_levels {
-                codes.push(SubAckCode::Failure);
+                codes.push(reason::TOPIC_FILTER_INVALID);
                 continue;
             }
             let denied = match (&self.settings.acl, self.sessions.get(skey)) {
@@ -822,27 +1110,32 @@ impl Core {
             };
             if denied {
                 self.stats.denied += 1;
-                codes.push(SubAckCode::Failure);
+                codes.push(reason::NOT_AUTHORIZED);
                 continue;
             }
+            let existed =
+                self.sessions.get(skey).is_some_and(|se| se.session.subscriptions.contains_key(filter));
             let at_limit = self.sessions.get(skey).is_some_and(|se| {
-                let subs = &se.session.subscriptions;
-                subs.len() >= self.settings.max_subscriptions_per_client && !subs.contains_key(filter)
+                se.session.subscriptions.len() >= self.settings.max_subscriptions_per_client && !existed
             });
             if at_limit {
-                codes.push(SubAckCode::Failure);
+                codes.push(reason::QUOTA_EXCEEDED);
                 continue;
             }
-            let qos = f.qos;
-            let ins = self.index.insert(filter, skey, qos);
+            let opts =
+                SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
+            let ins = self.index.insert(filter, skey, opts);
             if ins.first_for_filter {
                 self.broadcast_interest(filter, true);
             }
             if let Some(se) = self.sessions.get_mut(skey) {
-                se.session.subscriptions.insert(filter.into(), qos);
+                se.session.subscriptions.insert(filter.into(), opts);
             }
-            codes.push(SubAckCode::Granted(qos));
-            granted_filters.push((f.filter, qos));
+            codes.push(f.qos as u8);
+            // Retain Handling (v5): 0 sends retained messages, 1 only for a new subscription, 2 never.
+            if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+                granted_filters.push((f.filter, opts));
+            }
         }
         // A congested session's new filters must pause their publishers too: announce afresh.
         if self.sessions.get(skey).is_some_and(|se| se.congested.is_some()) {
@@ -850,36 +1143,40 @@ impl Core {
             self.update_congestion(skey);
         }
         // SUBACK first, then the retained messages (mosquitto's order; the spec allows either).
-        self.reply(key, Packet::SubAck(SubAck { pkid: sub.pkid, codes }));
-        let mut found: SmallVec<[(Message, QoS); 8]> = SmallVec::new();
-        for (filter, granted) in &granted_filters {
-            self.retained.for_each_match(filter.as_str(), |_, m| found.push((m.clone(), *granted)));
+        self.reply(key, Packet::SubAck(SubAck { pkid: sub.pkid, codes, reason_string: None }));
+        let mut found: SmallVec<[(Message, SubOpts); 8]> = SmallVec::new();
+        for (filter, opts) in &granted_filters {
+            self.retained.for_each_match(filter.as_str(), |_, m| found.push((m.clone(), *opts)));
         }
         // In-broker latency of a retained message starts when the subscription asks for it, not when
         // it was published: restamp it so the histogram stays meaningful.
         let now = Instant::now();
-        for (mut m, granted) in found {
-            let qos = m.qos.min(granted);
+        for (mut m, opts) in found {
+            let qos = m.qos.min(opts.qos);
             m.received = now;
-            self.deliver_to(skey, &m, qos, true, &mut None, &mut None);
+            let ids: SubIds = if opts.id != 0 { smallvec::smallvec![opts.id] } else { SubIds::new() };
+            self.deliver_to(skey, &m, qos, true, ids, &mut SharedFrames::default(), &mut None);
         }
         Flow::Continue
     }
 
     fn on_unsubscribe(&mut self, key: usize, skey: usize, u: Unsubscribe) -> Flow {
+        let mut codes = SmallVec::new();
         for f in &u.filters {
-            self.unsubscribe_one(skey, f.as_str());
+            let existed = self.unsubscribe_one(skey, f.as_str());
+            codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
         }
-        self.reply(key, Packet::UnsubAck(u.pkid))
+        self.reply(key, Packet::UnsubAck(UnsubAck { pkid: u.pkid, codes }))
     }
 
-    fn unsubscribe_one(&mut self, skey: usize, filter: &str) {
-        if let Some(se) = self.sessions.get_mut(skey) {
-            se.session.subscriptions.remove(filter);
-        }
+    /// Removes one subscription; returns whether it existed.
+    fn unsubscribe_one(&mut self, skey: usize, filter: &str) -> bool {
+        let existed =
+            self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
         if self.index.remove(filter, skey).last_for_filter {
             self.broadcast_interest(filter, false);
         }
+        existed
     }
 
     fn broadcast_interest(&mut self, filter: &str, add: bool) {
@@ -890,11 +1187,13 @@ impl Core {
         }
     }
 
-    /// Ends a session: its subscriptions leave the index, its queue is dropped.
+    /// Ends a session: its subscriptions leave the index, its queue is dropped, a will still waiting for
+    /// its delay is published now (MQTT-3.1.3-9: the session ended first).
     fn end_session(&mut self, skey: usize) {
         if !self.sessions.contains(skey) {
             return;
         }
+        self.fire_will(skey);
         self.withdraw_congestion(skey);
         let se = self.sessions.remove(skey);
         for filter in se.session.subscriptions.keys() {
@@ -907,20 +1206,58 @@ impl Core {
         }
     }
 
+    /// Publishes the session's delayed will, if it has one.
+    fn fire_will(&mut self, skey: usize) {
+        let Some((will, _)) = self.sessions.get_mut(skey).and_then(|se| se.pending_will.take()) else {
+            return;
+        };
+        self.publish_will(skey, *will);
+    }
+
+    /// Publishes a will of the client of session `skey`, if the ACL lets that client publish to its topic.
+    fn publish_will(&mut self, skey: usize, w: Will) {
+        self.stats.msgs_in += 1;
+        if !self.may_publish(skey, w.topic.as_str()) {
+            self.stats.denied += 1;
+            return;
+        }
+        let now = Instant::now();
+        let props = message_props((!w.properties.is_empty()).then_some(&w.properties), now);
+        self.publish(Message {
+            topic: w.topic,
+            payload: w.payload,
+            qos: w.qos,
+            retain: w.retain,
+            received: now,
+            props,
+        });
+    }
+
     /// The connection's reader ended. `graceful`: DISCONNECT was received (no will). What is queued for
     /// the client (a CONNACK before a protocol error, say) is still written before the socket closes.
     pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool) {
         if self.is_current(key, ctl) {
-            self.close_conn(key, graceful, false);
+            self.close_conn(key, graceful, None);
         }
     }
 
-    /// Detaches and closes a connection: publishes its will unless `graceful`, ends a clean session.
-    /// `kick` shuts the socket down at once (its reader is still blocked on it); otherwise the writer
-    /// flushes the outbox first.
-    fn close_conn(&mut self, key: usize, graceful: bool, kick: bool) {
+    /// Detaches and closes a connection: publishes its will unless `graceful` (at once, or after its v5
+    /// Will Delay Interval), ends a session that expires with it. `kick`: the broker closes the connection
+    /// while its reader is still blocked on the socket; a v5 client is first sent a DISCONNECT with that
+    /// reason code and string, which its writer gets [`LINGER`] to flush; others are shut down at once.
+    /// Without `kick` the writer flushes the outbox first.
+    fn close_conn(&mut self, key: usize, graceful: bool, kick: Option<(u8, &str)>) {
         if !self.conns.contains(key) {
             return;
+        }
+        if let Some((code, why)) = kick {
+            if self.send_disconnect(key, code, why) {
+                if let Some(c) = self.conns.get(key) {
+                    self.lingering.push((c.ctl.clone(), Instant::now() + LINGER));
+                }
+            } else if let Some(c) = self.conns.get(key) {
+                c.ctl.kick();
+            }
         }
         let entry = self.conns.remove(key);
         self.closed_since_trim += 1;
@@ -929,43 +1266,47 @@ impl Core {
             self.holding.retain(|&k| k != key);
             self.released = true;
         }
-        if kick {
-            entry.ctl.kick();
-        } else {
-            entry.ctl.close();
-        }
-        // Checked now: a clean session (and its username) is gone once the connection is detached.
-        let will_allowed = match (&entry.will, entry.session) {
-            (Some(w), Some(skey)) if !graceful => self.may_publish(skey, w.topic.as_str()),
-            _ => true,
-        };
+        entry.ctl.close();
+        let now = Instant::now();
+        let mut will = if graceful { None } else { entry.will };
+        let delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
         if let Some(skey) = entry.session {
             let attached = self.sessions.get(skey).is_some_and(|s| s.conn == Some(key));
-            if attached {
-                if let Some(se) = self.sessions.get_mut(skey) {
-                    se.conn = None;
-                    if se.session.clean {
-                        self.end_session(skey);
-                    } else {
-                        // Offline, its queue drops the newest when full: publishers need not wait.
-                        self.update_congestion(skey);
+            if !attached && delay > 0 {
+                // Taken over: a new connection to the session came within the delay (MQTT-3.1.3-9).
+                will = None;
+            }
+            if let (true, Some(se)) = (attached, self.sessions.get_mut(skey)) {
+                se.conn = None;
+                se.offline_since = Some(now);
+                // A will with a delay waits, unless the session ends sooner (then it goes with it).
+                if delay > 0 && se.expiry > 0 {
+                    if let (Some(w), Some(due)) =
+                        (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(se.expiry)))))
+                    {
+                        se.pending_will = Some((w, due));
+                        self.pending_wills.push(skey);
                     }
                 }
+                if se.expiry == 0 {
+                    if let Some(w) = will.take() {
+                        // Published before the session (and the username the ACL checks) is gone.
+                        self.publish_will(skey, *w);
+                    }
+                    self.end_session(skey);
+                } else {
+                    if se.expiry != u32::MAX {
+                        if let Some(at) = now.checked_add(Duration::from_secs(u64::from(se.expiry))) {
+                            self.expiring.push(Reverse((at, skey)));
+                        }
+                    }
+                    // Offline, its queue drops the newest when full: publishers need not wait.
+                    self.update_congestion(skey);
+                }
             }
-        }
-        if let (false, Some(w)) = (graceful, entry.will) {
-            self.stats.msgs_in += 1;
-            if !will_allowed {
-                self.stats.denied += 1;
-                return;
+            if let Some(w) = will.take() {
+                self.publish_will(skey, *w);
             }
-            self.publish(Message {
-                topic: w.topic,
-                payload: w.payload,
-                qos: w.qos,
-                retain: w.retain,
-                received: Instant::now(),
-            });
         }
     }
 
@@ -1011,8 +1352,57 @@ impl Core {
             } else {
                 self.stats.count_refused("no CONNECT within connect_timeout");
             }
-            self.close_conn(key, false, true);
+            self.close_conn(key, false, Some((reason::KEEP_ALIVE_TIMEOUT, "keep-alive timeout")));
         }
+        self.expire_sessions(now);
+        self.fire_due_wills(now);
+        // Connections closed with a v5 DISCONNECT whose writer could not flush it in time.
+        self.lingering.retain(|(ctl, deadline)| {
+            if ctl.writer_finished() {
+                return false;
+            }
+            if now >= *deadline {
+                ctl.kick();
+                return false;
+            }
+            true
+        });
+    }
+
+    /// Ends offline sessions whose expiry interval has passed.
+    fn expire_sessions(&mut self, now: Instant) {
+        while let Some(&Reverse((at, skey))) = self.expiring.peek() {
+            if at > now {
+                break;
+            }
+            self.expiring.pop();
+            // Stale entries: the client came back, or the session's expiry changed since.
+            let due = self.sessions.get(skey).is_some_and(|se| {
+                se.conn.is_none()
+                    && se.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(se.expiry))))
+                        == Some(at)
+            });
+            if due {
+                self.end_session(skey);
+            }
+        }
+    }
+
+    /// Publishes delayed wills whose delay has passed.
+    fn fire_due_wills(&mut self, now: Instant) {
+        if self.pending_wills.is_empty() {
+            return;
+        }
+        let mut waiting = std::mem::take(&mut self.pending_wills);
+        waiting.retain(|&skey| match self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()) {
+            Some((_, due)) if *due <= now => {
+                self.fire_will(skey);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        self.pending_wills.append(&mut waiting);
     }
 
     /// Pause policy: a connected subscriber whose full queue has not moved for `limit` is disconnected,
@@ -1027,7 +1417,7 @@ impl Core {
         }
         for key in stuck {
             self.stats.count_closed("slow subscriber timeout");
-            self.close_conn(key, false, true);
+            self.close_conn(key, false, Some((reason::QUOTA_EXCEEDED, "slow subscriber timeout")));
         }
     }
 
@@ -1041,7 +1431,7 @@ impl Core {
                     if msg.retain {
                         self.store_retained(&msg);
                     }
-                    self.deliver_local(&msg);
+                    self.deliver_local(&msg, None);
                 }
                 XMsg::Interest { core, filter, add } => {
                     if add {
@@ -1089,11 +1479,24 @@ impl Core {
     }
 
     /// Graceful shutdown: close every connection (no wills: the broker, not the client, is going away).
-    pub fn close_all(&mut self) {
-        for (_, c) in self.conns.iter() {
-            c.ctl.kick();
+    /// v5 clients are sent DISCONNECT 0x8B first; the returned connections are those whose writer should
+    /// get a moment to flush it before the runtime stops (then [`ConnCtl::kick`] them).
+    pub fn close_all(&mut self) -> Vec<Rc<ConnCtl>> {
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let mut flushing = Vec::new();
+        for key in keys {
+            if self.send_disconnect(key, reason::SERVER_SHUTTING_DOWN, "server shutting down") {
+                if let Some(c) = self.conns.get(key) {
+                    c.ctl.close();
+                    flushing.push(c.ctl.clone());
+                }
+            } else if let Some(c) = self.conns.get(key) {
+                c.ctl.kick();
+            }
         }
+        self.end_batch();
         self.conns.clear();
+        flushing
     }
 }
 
@@ -1108,4 +1511,72 @@ fn all_cores_mask(n: usize) -> u64 {
     } else {
         (1u64 << n) - 1
     }
+}
+
+/// The QoS 0 frames of one message, encoded at most once per protocol layout and shared by every QoS 0
+/// subscriber of that layout on this core.
+#[derive(Default)]
+struct SharedFrames {
+    v3: Option<Bytes>,
+    v5: Option<Bytes>,
+}
+
+impl SharedFrames {
+    /// The frame for `v5` or 3.1/3.1.1 subscribers, encoded on first use. Frames are carved from 64 KiB
+    /// blocks so that encoding costs an allocation per block, not per message.
+    fn get(&mut self, v5: bool, msg: &Message, buf: &mut BytesMut) -> Bytes {
+        let slot = if v5 { &mut self.v5 } else { &mut self.v3 };
+        slot.get_or_insert_with(|| {
+            let forward = msg.props.as_ref().map_or(&[][..], |p| &p.forward[..]);
+            let need = if v5 {
+                protocol::publish_head_len_v5(
+                    msg.topic.len(),
+                    QoS::AtMostOnce,
+                    forward.len(),
+                    msg.payload.len(),
+                )
+            } else {
+                protocol::publish_head_len(msg.topic.len(), QoS::AtMostOnce, msg.payload.len())
+            } + msg.payload.len();
+            if buf.capacity() < need {
+                buf.reserve(need.max(FRAME_BLOCK));
+            }
+            if v5 {
+                protocol::encode_publish_head_v5(
+                    msg.topic.as_str(),
+                    QoS::AtMostOnce,
+                    0,
+                    false,
+                    false,
+                    &[forward],
+                    msg.payload.len(),
+                    buf,
+                );
+            } else {
+                protocol::encode_publish_head(
+                    msg.topic.as_str(),
+                    QoS::AtMostOnce,
+                    0,
+                    false,
+                    false,
+                    msg.payload.len(),
+                    buf,
+                );
+            }
+            buf.extend_from_slice(&msg.payload);
+            buf.split().freeze()
+        })
+        .clone()
+    }
+}
+
+/// The size of the v5 PUBLISH the writer sends for this delivery, without a topic alias (an alias only
+/// makes it smaller): checked against the client's Maximum Packet Size.
+fn outbound_size(msg: &Message, qos: QoS, sub_ids: &SubIds) -> usize {
+    let mut props =
+        msg.props.as_ref().map_or(0, |p| p.forward.len() + if p.expires.is_some() { 5 } else { 0 });
+    for &id in sub_ids {
+        props += 1 + properties::vbi_len(id as usize);
+    }
+    protocol::publish_head_len_v5(msg.topic.len(), qos, props, msg.payload.len()) + msg.payload.len()
 }

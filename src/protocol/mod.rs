@@ -4,14 +4,18 @@
 
 mod decode;
 mod encode;
-/// MQTT 5.0 properties (section 2.2.2): decoded and encoded on their own, ahead of the v5 packet codec
-/// that will use them (CONNECT with protocol level 5 is still refused with CONNACK 0x01).
+/// MQTT 5.0 properties (section 2.2.2): the property blocks of v5 packets.
 pub mod properties;
+/// MQTT 5.0 reason codes and their 3.1.1 equivalents.
+pub mod reason;
 mod types;
 
 #[cfg(test)]
 mod tests;
 
 pub use decode::{decode, frame_len};
-pub use encode::{encode, encode_publish, encode_publish_head, publish_head_len};
+pub use encode::{
+    encode, encode_publish, encode_publish_head, encode_publish_head_v5, encode_publish_v5, publish_head_len,
+    publish_head_len_v5,
+};
 pub use types::*;

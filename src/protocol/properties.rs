@@ -121,6 +121,34 @@ impl Properties {
     pub fn is_empty(&self) -> bool {
         *self == Properties::default()
     }
+
+    /// Gives every string and binary value an allocation of its own: decoded values are slices of the
+    /// read buffer, which properties kept for long (a will, a session's CONNECT) must not pin.
+    pub fn detach(&mut self) {
+        fn s(v: &mut Option<Utf8Bytes>) {
+            if let Some(x) = v {
+                *x = Utf8Bytes::copy_from_str(x.as_str());
+            }
+        }
+        fn b(v: &mut Option<Bytes>) {
+            if let Some(x) = v {
+                *x = Bytes::copy_from_slice(x);
+            }
+        }
+        s(&mut self.content_type);
+        s(&mut self.response_topic);
+        b(&mut self.correlation_data);
+        s(&mut self.assigned_client_identifier);
+        s(&mut self.authentication_method);
+        b(&mut self.authentication_data);
+        s(&mut self.response_information);
+        s(&mut self.server_reference);
+        s(&mut self.reason_string);
+        for (k, v) in &mut self.user_properties {
+            *k = Utf8Bytes::copy_from_str(k.as_str());
+            *v = Utf8Bytes::copy_from_str(v.as_str());
+        }
+    }
 }
 
 /// Why a property block was refused. Both end the connection (or fail the CONNECT).
@@ -466,7 +494,7 @@ impl Reader {
 
 /// Bytes [`encode_properties`] writes for `p`, length prefix included.
 pub fn properties_len(p: &Properties) -> usize {
-    let body = body_len(p);
+    let body = properties_body_len(p);
     vbi_len(body) + body
 }
 
@@ -480,10 +508,22 @@ pub fn properties_len(p: &Properties) -> usize {
 /// broker should not build such values. Subscription identifiers above 268,435,455 are written as
 /// 268,435,455 for the same reason.
 pub fn encode_properties(p: &Properties, out: &mut BytesMut) {
-    let body = body_len(p);
+    let body = properties_body_len(p);
     out.reserve(vbi_len(body) + body);
     put_vbi(out, body);
+    put_body(p, out);
+}
 
+/// Writes the properties of `p` like [`encode_properties`] but without the length prefix: exactly
+/// [`properties_body_len`] bytes. For callers that assemble a block from several pre-encoded runs
+/// (the broker's per-subscriber PUBLISH head) and write the total length themselves.
+pub fn encode_properties_body(p: &Properties, out: &mut BytesMut) {
+    out.reserve(properties_body_len(p));
+    put_body(p, out);
+}
+
+/// Writes every property that is set; the caller has reserved the space.
+fn put_body(p: &Properties, out: &mut BytesMut) {
     if let Some(v) = p.payload_format_indicator {
         out.put_u8(PAYLOAD_FORMAT_INDICATOR);
         out.put_u8(v);
@@ -544,9 +584,9 @@ pub fn encode_properties(p: &Properties, out: &mut BytesMut) {
     put_opt_u8(out, SHARED_SUBSCRIPTION_AVAILABLE, p.shared_subscription_available);
 }
 
-/// Bytes of the properties themselves, without the length prefix. Must mirror
-/// [`encode_properties`] exactly.
-fn body_len(p: &Properties) -> usize {
+/// Bytes of the properties themselves, without the length prefix: what
+/// [`encode_properties_body`] writes. Must mirror it exactly.
+pub fn properties_body_len(p: &Properties) -> usize {
     // Identifier byte + value, per property kind.
     let byte = |v: Option<u8>| if v.is_some() { 2 } else { 0 };
     let two = |v: Option<u16>| if v.is_some() { 3 } else { 0 };
@@ -593,7 +633,7 @@ fn sub_id(v: u32) -> usize {
 /// Bytes of the variable byte integer encoding of `v`. A value beyond the four-byte maximum (a
 /// property block over 256 MB, which no packet can hold) still gets a terminating encoding; the
 /// packet encoder's size checks reject such a packet.
-fn vbi_len(mut v: usize) -> usize {
+pub fn vbi_len(mut v: usize) -> usize {
     let mut n = 1;
     while v >= 0x80 {
         v >>= 7;
@@ -602,7 +642,10 @@ fn vbi_len(mut v: usize) -> usize {
     n
 }
 
-fn put_vbi(out: &mut BytesMut, mut v: usize) {
+/// Writes `v` as a variable byte integer (MQTT-1.5.5), least significant seven bits first:
+/// exactly [`vbi_len`] bytes. Values above 268,435,455 do not fit four bytes and come out longer,
+/// which every decoder refuses: the caller must not write them.
+pub fn put_vbi(out: &mut BytesMut, mut v: usize) {
     loop {
         // Truncation to the low 7 bits is the encoding itself.
         let mut b = (v & 0x7f) as u8;

@@ -6,6 +6,8 @@
 use bytes::Bytes;
 use smallvec::SmallVec;
 
+use super::properties::Properties;
+
 /// Quality of service of a PUBLISH or a subscription.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum QoS {
@@ -26,8 +28,7 @@ impl QoS {
     }
 }
 
-/// The protocol level of the CONNECT packet. 5.0 is recognised so that the decoder can refuse it
-/// cleanly until the v5 codec lands.
+/// The protocol level of the CONNECT packet: it decides the layout of every later packet of the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ProtocolVersion {
     /// MQTT 3.1: protocol name `MQIsdp`, level 3.
@@ -105,17 +106,22 @@ pub struct Will {
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,
+    /// v5 will properties (will delay interval, message expiry, content type …); empty before v5.
+    pub properties: Properties,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Connect {
     pub protocol: ProtocolVersion,
+    /// Clean session (3.1/3.1.1) or Clean Start (5.0): discard any stored session.
     pub clean_session: bool,
     pub keep_alive: u16,
     pub client_id: Utf8Bytes,
     pub will: Option<Will>,
     pub username: Option<Utf8Bytes>,
     pub password: Option<Bytes>,
+    /// v5 CONNECT properties; empty before v5.
+    pub properties: Properties,
 }
 
 impl Connect {
@@ -129,25 +135,21 @@ impl Connect {
         if let Some(w) = &mut self.will {
             w.topic = Utf8Bytes::copy_from_str(w.topic.as_str());
             w.payload = Bytes::copy_from_slice(&w.payload);
+            w.properties.detach();
         }
+        self.properties.detach();
     }
 }
 
-/// CONNACK return codes of MQTT 3.1/3.1.1 (MQTT-3.2.2.3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConnectReturnCode {
-    Accepted = 0,
-    UnacceptableProtocolVersion = 1,
-    IdentifierRejected = 2,
-    ServerUnavailable = 3,
-    BadUserNameOrPassword = 4,
-    NotAuthorized = 5,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// CONNACK. `code` is always an MQTT 5.0 reason code (see [`reason`](super::reason)); on 3.1/3.1.1
+/// connections the encoder writes the matching 3.1.1 return code
+/// ([`reason::connack_v3`](super::reason::connack_v3)) and the decoder maps the other way.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnAck {
     pub session_present: bool,
-    pub code: ConnectReturnCode,
+    pub code: u8,
+    /// v5 only; `None` encodes as an empty property block.
+    pub properties: Option<Box<Properties>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,6 +161,25 @@ pub struct Publish {
     /// 0 for QoS 0 (no packet id on the wire); never 0 for QoS 1/2 (the decoder refuses it).
     pub pkid: u16,
     pub payload: Bytes,
+    /// v5 PUBLISH properties; `None` when the block is empty (always before v5), so that a plain
+    /// PUBLISH costs no allocation.
+    pub properties: Option<Box<Properties>>,
+}
+
+/// PUBACK, PUBREC, PUBREL or PUBCOMP. `reason` is the v5 reason code (0 = success; always 0 before v5,
+/// where the packet has no such field). Properties of acknowledgements (a reason string, user
+/// properties) are validated by the decoder and not kept: the broker never acts on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub pkid: u16,
+    pub reason: u8,
+}
+
+impl Ack {
+    /// A successful acknowledgement of `pkid`.
+    pub fn ok(pkid: u16) -> Ack {
+        Ack { pkid, reason: 0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -166,6 +187,19 @@ pub struct SubscribeFilter {
     pub filter: Utf8Bytes,
     /// The maximum QoS the client asks for.
     pub qos: QoS,
+    /// v5 No Local: never deliver this client's own messages through this subscription.
+    pub no_local: bool,
+    /// v5 Retain As Published: keep the publisher's retain flag on live deliveries.
+    pub retain_as_published: bool,
+    /// v5 Retain Handling: 0 send retained messages, 1 only if the subscription is new, 2 never.
+    pub retain_handling: u8,
+}
+
+impl SubscribeFilter {
+    /// A 3.1.1-style subscription: no v5 options.
+    pub fn new(filter: Utf8Bytes, qos: QoS) -> SubscribeFilter {
+        SubscribeFilter { filter, qos, no_local: false, retain_as_published: false, retain_handling: 0 }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -173,28 +207,18 @@ pub struct Subscribe {
     pub pkid: u16,
     /// Never empty (MQTT-3.8.3-3): the decoder refuses an empty SUBSCRIBE.
     pub filters: SmallVec<[SubscribeFilter; 2]>,
+    /// v5 Subscription Identifier (1..=268,435,455); user properties are not kept.
+    pub subscription_id: Option<u32>,
 }
 
-/// One SUBACK return code: the granted QoS, or failure.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubAckCode {
-    Granted(QoS),
-    Failure,
-}
-
-impl SubAckCode {
-    pub fn to_u8(self) -> u8 {
-        match self {
-            SubAckCode::Granted(q) => q as u8,
-            SubAckCode::Failure => 0x80,
-        }
-    }
-}
-
+/// SUBACK. Each code is a v5 reason code: 0, 1, 2 for the granted QoS, 0x80 and above for a refusal
+/// (on 3.1/3.1.1 every refusal is written as 0x80).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SubAck {
     pub pkid: u16,
-    pub codes: SmallVec<[SubAckCode; 2]>,
+    pub codes: SmallVec<[u8; 2]>,
+    /// v5 reason string; never written before v5.
+    pub reason_string: Option<Utf8Bytes>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -204,23 +228,50 @@ pub struct Unsubscribe {
     pub filters: SmallVec<[Utf8Bytes; 2]>,
 }
 
-/// Every MQTT 3.1/3.1.1 control packet. v5 adds properties and AUTH in a later change.
+/// UNSUBACK. `codes` holds one v5 reason code per filter (0x00 success, 0x11 no subscription existed,
+/// …); 3.1/3.1.1 UNSUBACK has none, so there it is ignored by the encoder and empty when decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnsubAck {
+    pub pkid: u16,
+    pub codes: SmallVec<[u8; 2]>,
+}
+
+/// DISCONNECT (and, with the same shape, AUTH). Before v5 the packet is empty: reason 0, no properties.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Disconnect {
+    pub reason: u8,
+    pub properties: Option<Box<Properties>>,
+}
+
+impl Disconnect {
+    /// A DISCONNECT with `reason` and, when given, a reason string for a person to read.
+    pub fn with_reason(reason: u8, why: Option<&str>) -> Disconnect {
+        let properties = why.map(|w| {
+            Box::new(Properties { reason_string: Some(Utf8Bytes::copy_from_str(w)), ..Properties::default() })
+        });
+        Disconnect { reason, properties }
+    }
+}
+
+/// Every MQTT 3.1, 3.1.1 and 5.0 control packet.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Packet {
     Connect(Box<Connect>),
     ConnAck(ConnAck),
     Publish(Publish),
-    PubAck(u16),
-    PubRec(u16),
-    PubRel(u16),
-    PubComp(u16),
+    PubAck(Ack),
+    PubRec(Ack),
+    PubRel(Ack),
+    PubComp(Ack),
     Subscribe(Subscribe),
     SubAck(SubAck),
     Unsubscribe(Unsubscribe),
-    UnsubAck(u16),
+    UnsubAck(UnsubAck),
     PingReq,
     PingResp,
-    Disconnect,
+    Disconnect(Disconnect),
+    /// v5 only.
+    Auth(Disconnect),
 }
 
 /// Why a packet could not be decoded. Every variant ends the connection; the broker maps them to
@@ -240,6 +291,33 @@ pub enum DecodeError {
     /// The packet's body does not match its type (truncated field, bad UTF-8, QoS 3, packet id 0,
     /// empty SUBSCRIBE, reserved CONNECT flag set, trailing bytes …). The string says which.
     Malformed(&'static str),
+    /// v5: well-formed, but the spec calls it a Protocol Error (a property not allowed in the packet
+    /// or repeated, a value out of range …). The string says which.
+    Protocol(&'static str),
+}
+
+impl DecodeError {
+    /// The v5 reason code for a CONNACK or DISCONNECT answering this error.
+    pub fn reason_code(&self) -> u8 {
+        match self {
+            DecodeError::PacketTooLarge { .. } => super::reason::PACKET_TOO_LARGE,
+            DecodeError::UnsupportedProtocolLevel { .. } => super::reason::UNSUPPORTED_PROTOCOL_VERSION,
+            DecodeError::Protocol(_) => super::reason::PROTOCOL_ERROR,
+            DecodeError::MalformedLength
+            | DecodeError::InvalidHeader { .. }
+            | DecodeError::InvalidProtocolName
+            | DecodeError::Malformed(_) => super::reason::MALFORMED_PACKET,
+        }
+    }
+}
+
+impl From<super::properties::PropError> for DecodeError {
+    fn from(e: super::properties::PropError) -> DecodeError {
+        match e {
+            super::properties::PropError::Malformed(why) => DecodeError::Malformed(why),
+            super::properties::PropError::Protocol(why) => DecodeError::Protocol(why),
+        }
+    }
 }
 
 impl std::fmt::Display for DecodeError {
@@ -255,6 +333,7 @@ impl std::fmt::Display for DecodeError {
                 write!(f, "unsupported protocol level {level}")
             }
             DecodeError::Malformed(why) => write!(f, "malformed packet: {why}"),
+            DecodeError::Protocol(why) => write!(f, "protocol error: {why}"),
         }
     }
 }

@@ -12,7 +12,8 @@ use rustls::{ServerConfig, ServerConnection};
 use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
 use crate::core::{check_connect, home_core, ConnCtl, Flow};
 use crate::io::{self, Conn};
-use crate::protocol::{self, ConnAck, Connect, ConnectReturnCode, DecodeError, Packet, ProtocolVersion};
+use crate::protocol::properties::Properties;
+use crate::protocol::{self, reason, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, Utf8Bytes};
 use crate::session::{OutFrame, Outbox};
 use crate::tls;
 use crate::xcore::{ConnPermit, Handoff, XMsg};
@@ -25,9 +26,10 @@ const READ_BUF_MAX: usize = 64 * 1024;
 /// How long a closing connection's writer may take to flush before the socket is shut down anyway.
 const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// The largest CONNECT 3.1.1 allows (fixed header, variable header, five 16-bit-length fields): a
-/// connection that has not sent CONNECT yet cannot make the broker buffer more than this.
-const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535);
+/// The largest CONNECT 3.1.1 allows (fixed header, variable header, five 16-bit-length fields), plus room
+/// for v5 CONNECT and will properties: a connection that has not sent CONNECT yet cannot make the broker
+/// buffer more than this.
+const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535) + 2 * 65_536;
 
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
 const MIN_SPARE: usize = 256;
@@ -153,8 +155,10 @@ pub async fn serve_new(
     let tls = match &transport.tls {
         Some(config) => match handshake(&conn, &ctl, config).await {
             Some(session) => Some(Rc::new(TlsConn::new(session))),
-            None if ctl.is_closing() => return refuse(&core, key, &ctl, &conn, None, None, None).await,
-            None => return refuse(&core, key, &ctl, &conn, None, None, Some("TLS handshake failed")).await,
+            None if ctl.is_closing() => return refuse(&core, key, &ctl, &conn, None, Refusal::Silent).await,
+            None => {
+                return refuse(&core, key, &ctl, &conn, None, Refusal::Close("TLS handshake failed")).await
+            }
         },
         None => None,
     };
@@ -167,68 +171,94 @@ pub async fn serve_new(
         buf = b;
         if ctl.is_closing() {
             // The sweeper closed it (connect_timeout) and counted it.
-            return refuse(&core, key, &ctl, &conn, tls_ref, None, None).await;
+            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Silent).await;
         }
         if !matches!(res, Ok(n) if n > 0) {
-            return refuse(&core, key, &ctl, &conn, tls_ref, None, Some("closed before CONNECT")).await;
+            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("closed before CONNECT")).await;
         }
         // MQTT-3.1.0-1: anything but CONNECT first is refused as soon as its first byte is seen, not
         // after buffering a whole (possibly huge) packet.
         if buf.first().is_some_and(|&b| b != 0x10) {
-            return refuse(&core, key, &ctl, &conn, tls_ref, None, Some("first packet not CONNECT")).await;
+            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("first packet not CONNECT"))
+                .await;
         }
+        let v5_connect = connect_level(&buf) == Some(5);
         match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
             Ok(Some(Packet::Connect(c))) => break c,
             // MQTT-3.1.0-1: the first packet must be CONNECT.
             Ok(Some(_)) => {
-                return refuse(&core, key, &ctl, &conn, tls_ref, None, Some("first packet not CONNECT")).await
+                return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("first packet not CONNECT"))
+                    .await
             }
             Ok(None) => continue,
-            // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01, then the connection closes.
+            // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01 (3.1.1 layout), then the connection
+            // closes.
             Err(DecodeError::UnsupportedProtocolLevel { .. }) => {
-                let code = Some(ConnectReturnCode::UnacceptableProtocolVersion);
-                return refuse(&core, key, &ctl, &conn, tls_ref, code, Some("unacceptable protocol version"))
-                    .await;
+                let r = Refusal::Connack(
+                    ProtocolVersion::V3_1_1,
+                    reason::UNSUPPORTED_PROTOCOL_VERSION,
+                    "unacceptable protocol version",
+                );
+                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
             }
-            Err(_) => return refuse(&core, key, &ctl, &conn, tls_ref, None, Some("malformed CONNECT")).await,
+            // A v5 CONNECT that does not decode is answered with a v5 CONNACK naming the error
+            // (MQTT-4.13.1-1); before v5 the connection just closes (MQTT-3.1.4-1).
+            Err(e) if v5_connect => {
+                let r = Refusal::Connack(ProtocolVersion::V5, e.reason_code(), "malformed CONNECT");
+                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
+            }
+            Err(_) => {
+                return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("malformed CONNECT")).await
+            }
         }
     };
     let mut connect = connect;
-    let not_authorized = Some(ConnectReturnCode::NotAuthorized);
+    let version = connect.protocol;
     if transport.identity_as_username {
         // Mutual TLS already authenticated the client: its certificate's name is its username, and the
         // password file is not consulted (mosquitto's use_identity_as_username).
         match tls_ref.and_then(|t| tls::identity(&t.session.borrow())) {
             Some(name) => {
-                connect.username = Some(crate::protocol::Utf8Bytes::copy_from_str(&name));
+                connect.username = Some(Utf8Bytes::copy_from_str(&name));
                 connect.password = None;
             }
             None => {
-                let reason = Some("no identity in the client certificate");
-                return refuse(&core, key, &ctl, &conn, tls_ref, not_authorized, reason).await;
+                let r = Refusal::Connack(
+                    version,
+                    reason::NOT_AUTHORIZED,
+                    "no identity in the client certificate",
+                );
+                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
             }
         }
     } else if !core.borrow_mut().authenticate(&connect, allow_anonymous) {
         // On the accepting core, before any session work: a refused client costs its home core nothing.
-        let reason = match connect.username {
-            Some(_) => "bad username or password",
-            None => "anonymous not allowed",
+        // 3.1.1 gets 0x05 for both (mosquitto's answer); v5 can say which.
+        let r = match connect.username {
+            Some(_) => {
+                Refusal::Connack(version, reason::BAD_USERNAME_OR_PASSWORD, "bad username or password")
+            }
+            None => Refusal::Connack(version, reason::NOT_AUTHORIZED, "anonymous not allowed"),
         };
-        return refuse(&core, key, &ctl, &conn, tls_ref, not_authorized, Some(reason)).await;
+        return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
     }
     if !permit.granted() {
-        let code = Some(ConnectReturnCode::ServerUnavailable);
-        return refuse(&core, key, &ctl, &conn, tls_ref, code, Some("max_connections reached")).await;
+        // 3.1.1: 0x03 server unavailable.
+        let r = Refusal::Connack(version, reason::QUOTA_EXCEEDED, "max_connections reached");
+        return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
     }
     let check = check_connect(&connect, core.borrow().settings());
     match check {
-        Err(code) => {
-            return refuse(&core, key, &ctl, &conn, tls_ref, Some(code), Some("identifier rejected")).await
+        Err((code, why)) => {
+            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Connack(version, code, why)).await
         }
-        Ok(false) => return refuse(&core, key, &ctl, &conn, tls_ref, None, Some("invalid will topic")).await,
+        Ok(false) => {
+            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("invalid will topic")).await
+        }
         Ok(true) => {}
     }
-    if connect.client_id.is_empty() {
+    let assigned = connect.client_id.is_empty();
+    if assigned {
         connect.client_id = core.borrow_mut().assign_client_id();
     }
     let (me, cores) = {
@@ -240,7 +270,7 @@ pub async fn serve_new(
         // A task of its own, so that this handshake's future (and its larger state) is freed now
         // rather than held for the connection's whole life.
         let link = Link { conn, tls };
-        io::spawn_local(established(core, key, ctl, link, connect, buf, permit));
+        io::spawn_local(established(core, key, ctl, link, Hello { connect, assigned }, buf, permit));
         return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
@@ -255,7 +285,7 @@ pub async fn serve_new(
     match conn.into_std() {
         Ok(stream) => {
             let mut c = core.borrow_mut();
-            let h = Handoff { stream, connect, buffered: buf, permit, tls };
+            let h = Handoff { stream, connect, assigned, buffered: buf, permit, tls };
             c.mesh.stage(home, XMsg::Handoff(h));
             c.end_batch();
             drop(c);
@@ -267,7 +297,7 @@ pub async fn serve_new(
 
 /// A connection handed over by another core, with its CONNECT already read and checked.
 pub async fn serve_handoff(core: CoreRef, h: Handoff) {
-    let Handoff { stream, connect, buffered: buf, permit, tls } = h;
+    let Handoff { stream, connect, assigned, buffered: buf, permit, tls } = h;
     let tls = tls.map(|s| Rc::new(TlsConn::new(*s)));
     let adopted = match io::current_backend() {
         Some(backend) => Conn::from_std(stream, backend),
@@ -282,32 +312,55 @@ pub async fn serve_handoff(core: CoreRef, h: Handoff) {
     };
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register_handoff(ctl.clone());
-    established(core, key, ctl, Link { conn, tls }, connect, buf, permit).await
+    established(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit).await
 }
 
-/// Closes a connection that never got a session, after sending CONNACK `code` if given (encrypted on a
-/// TLS connection, followed by close_notify), and counts it under `reason` (None: already counted).
+/// How a connection that never got a session is turned away.
+enum Refusal {
+    /// Already counted (the sweeper closed it): just close.
+    Silent,
+    /// Close without CONNACK, counted under this reason.
+    Close(&'static str),
+    /// CONNACK with this v5 reason code, in the layout of that version (downgraded before v5), counted
+    /// under the string (also the v5 reason string).
+    Connack(ProtocolVersion, u8, &'static str),
+}
+
+/// The protocol level byte of a CONNECT at the front of `buf`, once it has arrived.
+fn connect_level(buf: &[u8]) -> Option<u8> {
+    // Fixed header: type byte and 1..4 length bytes; then the protocol name's two-byte length.
+    let len_bytes = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let name_at = 1 + len_bytes;
+    let name_len = usize::from(u16::from_be_bytes([*buf.get(name_at)?, *buf.get(name_at + 1)?]));
+    buf.get(name_at + 2 + name_len).copied()
+}
+
+/// Closes a connection that never got a session, after sending a CONNACK refusal if `r` says so
+/// (encrypted on a TLS connection, followed by close_notify), and counts it.
 async fn refuse(
     core: &CoreRef,
     key: usize,
     ctl: &Rc<ConnCtl>,
     conn: &Conn,
     tls: Option<&TlsConn>,
-    code: Option<ConnectReturnCode>,
-    reason: Option<&'static str>,
+    r: Refusal,
 ) {
     {
         let mut c = core.borrow_mut();
         c.unregister(key, ctl);
-        if let Some(reason) = reason {
-            c.stats.count_refused(reason);
+        match r {
+            Refusal::Silent => {}
+            Refusal::Close(why) | Refusal::Connack(_, _, why) => c.stats.count_refused(why),
         }
     }
-    if let Some(code) = code {
+    if let Refusal::Connack(version, code, why) = r {
         let mut out = BytesMut::new();
+        let properties = (version == ProtocolVersion::V5).then(|| {
+            Box::new(Properties { reason_string: Some(Utf8Bytes::from_static(why)), ..Properties::default() })
+        });
         protocol::encode(
-            &Packet::ConnAck(ConnAck { session_present: false, code }),
-            ProtocolVersion::V3_1_1,
+            &Packet::ConnAck(ConnAck { session_present: false, code, properties }),
+            version,
             &mut out,
         );
         let mut iov = vec![out.freeze()];
@@ -319,6 +372,13 @@ async fn refuse(
         let _ = conn.write_all_vectored(iov).await;
     }
     conn.shutdown();
+}
+
+/// The CONNECT a connection was accepted with.
+struct Hello {
+    connect: Box<Connect>,
+    /// The broker assigned the client id.
+    assigned: bool,
 }
 
 /// A connection's socket and, on an `mqtts` listener, its TLS session.
@@ -333,24 +393,28 @@ async fn established(
     key: usize,
     ctl: Rc<ConnCtl>,
     link: Link,
-    mut connect: Box<Connect>,
+    hello: Hello,
     mut buf: BytesMut,
     // Held, not read: dropping it at the end releases this connection's place in max_connections.
     _permit: ConnPermit,
 ) {
     let Link { conn, tls } = link;
+    let Hello { mut connect, assigned } = hello;
     // The CONNECT's strings are slices of the first read buffer; the session keeps them for its whole
     // life, so give them their own small allocations instead of pinning that buffer.
     connect.detach();
     let version = connect.protocol;
+    // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
+    let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
     let max_packet = {
         let mut c = core.borrow_mut();
-        c.connect(key, *connect);
+        c.connect(key, *connect, assigned);
         c.end_batch();
         c.settings().max_packet_size
     };
     schedule_tick(&core);
-    io::spawn_local(writer(core.clone(), ctl.clone(), conn.clone(), version, tls.clone()));
+    let out = OutState::new(version, aliases);
+    io::spawn_local(writer(core.clone(), ctl.clone(), conn.clone(), out, tls.clone()));
     let mut want = READ_BUF_INITIAL;
     let graceful = loop {
         // Decode and handle every complete packet in the buffer, in one borrow of the core.
@@ -365,8 +429,15 @@ async fn established(
                 match protocol::decode(&mut buf, version, max_packet) {
                     Ok(Some(p)) => flow = c.handle(key, p, now),
                     Ok(None) => break,
-                    Err(_) => flow = Flow::Close("malformed packet"),
+                    Err(e @ DecodeError::PacketTooLarge { .. }) => {
+                        flow = Flow::Close(e.reason_code(), "packet too large")
+                    }
+                    Err(e) => flow = Flow::Close(e.reason_code(), "malformed packet"),
                 }
+            }
+            if let Flow::Close(code, why) = flow {
+                // v5: tell the client why before closing (MQTT-4.13.1-1).
+                c.send_disconnect(key, code, why);
             }
             c.end_batch();
             flow
@@ -374,9 +445,10 @@ async fn established(
         after_batch(&core);
         match flow {
             Flow::Continue => {}
-            Flow::Disconnect => break true,
-            Flow::Close(reason) => {
-                core.borrow_mut().stats.count_closed(reason);
+            Flow::Disconnect { will: false } => break true,
+            Flow::Disconnect { will: true } => break false,
+            Flow::Close(_, why) => {
+                core.borrow_mut().stats.count_closed(why);
                 break false;
             }
         }
@@ -420,13 +492,13 @@ async fn writer(
     core: CoreRef,
     ctl: Rc<ConnCtl>,
     conn: Rc<Conn>,
-    version: ProtocolVersion,
+    mut out: OutState,
     tls: Option<Rc<TlsConn>>,
 ) {
     let mut iov: Vec<Bytes> = Vec::new();
     let mut stamps: Vec<Instant> = Vec::new();
     loop {
-        encode_outbox(&mut ctl.outbox.borrow_mut(), version, &mut iov, &mut stamps);
+        encode_outbox(&mut ctl.outbox.borrow_mut(), &mut out, &mut iov, &mut stamps);
         if let Some(t) = &tls {
             let mut s = t.session.borrow_mut();
             if ctl.is_closing() && iov.is_empty() {
@@ -473,13 +545,46 @@ async fn writer(
     conn.shutdown();
 }
 
+/// What the writer of one connection keeps between batches: the protocol layout, and (v5) the topic
+/// aliases it assigned.
+struct OutState {
+    version: ProtocolVersion,
+    /// The client's Topic Alias Maximum; 0 = no aliases.
+    alias_max: u16,
+    /// Topic -> alias assigned on this connection; boxed and created on first use, since most connections
+    /// never have one. Once `alias_max` are assigned, other topics are sent in full.
+    #[allow(clippy::box_collection)] // 8 bytes in every writer task instead of an empty map's 48
+    aliases: Option<Box<std::collections::HashMap<Utf8Bytes, u16>>>,
+}
+
+impl OutState {
+    fn new(version: ProtocolVersion, alias_max: u16) -> OutState {
+        OutState { version, alias_max, aliases: None }
+    }
+
+    /// The alias for `topic`, and whether the topic name must be sent with it (first use).
+    fn alias(&mut self, topic: &Utf8Bytes) -> Option<(u16, bool)> {
+        if self.alias_max == 0 {
+            return None;
+        }
+        let map = self.aliases.get_or_insert_with(Default::default);
+        if let Some(&a) = map.get(topic) {
+            return Some((a, false));
+        }
+        let next = u16::try_from(map.len() + 1).ok().filter(|&n| n <= self.alias_max)?;
+        map.insert(topic.clone(), next);
+        Some((next, true))
+    }
+}
+
 /// Turns outbox frames into write buffers. Heads and control packets are encoded into one buffer
 /// allocated per batch; payloads and shared QoS 0 frames are referenced, never copied.
-fn encode_outbox(ob: &mut Outbox, version: ProtocolVersion, iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
+fn encode_outbox(ob: &mut Outbox, st: &mut OutState, iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
     if ob.is_empty() {
         return;
     }
     let mut head = BytesMut::with_capacity(ob.len() * 32);
+    let mut now = None;
     for f in ob.drain(..) {
         match f {
             OutFrame::Shared { frame, received } => {
@@ -487,7 +592,48 @@ fn encode_outbox(ob: &mut Outbox, version: ProtocolVersion, iov: &mut Vec<Bytes>
                 iov.push(frame);
                 stamps.push(received);
             }
-            OutFrame::Publish { msg, qos, pkid, dup, retain } => {
+            OutFrame::Publish { msg, qos, pkid, dup, retain, sub_ids }
+                if st.version == ProtocolVersion::V5 =>
+            {
+                // The per-subscriber properties; the forwarded ones follow as they are.
+                let mut own = BytesMut::new();
+                for id in sub_ids {
+                    own.extend_from_slice(&[0x0B]);
+                    protocol::properties::put_vbi(&mut own, id as usize);
+                }
+                if let Some(expires) = msg.props.as_ref().and_then(|p| p.expires) {
+                    // MQTT-3.3.2-6: the interval that remains, at least 1 s (it had not expired when queued).
+                    let now = *now.get_or_insert_with(Instant::now);
+                    let left = expires.saturating_duration_since(now).as_secs_f64().ceil().max(1.0) as u32;
+                    own.extend_from_slice(&[0x02]);
+                    own.extend_from_slice(&left.to_be_bytes());
+                }
+                let mut topic = msg.topic.as_str();
+                if let Some((alias, first)) = st.alias(&msg.topic) {
+                    own.extend_from_slice(&[0x23]);
+                    own.extend_from_slice(&alias.to_be_bytes());
+                    if !first {
+                        topic = "";
+                    }
+                }
+                let forward = msg.props.as_ref().map_or(&[][..], |p| &p.forward[..]);
+                protocol::encode_publish_head_v5(
+                    topic,
+                    qos,
+                    pkid,
+                    dup,
+                    retain,
+                    &[&own, forward],
+                    msg.payload.len(),
+                    &mut head,
+                );
+                if !msg.payload.is_empty() {
+                    push_head(&mut head, iov);
+                    iov.push(msg.payload);
+                }
+                stamps.push(msg.received);
+            }
+            OutFrame::Publish { msg, qos, pkid, dup, retain, .. } => {
                 protocol::encode_publish_head(
                     msg.topic.as_str(),
                     qos,
@@ -503,7 +649,7 @@ fn encode_outbox(ob: &mut Outbox, version: ProtocolVersion, iov: &mut Vec<Bytes>
                 }
                 stamps.push(msg.received);
             }
-            OutFrame::Control(p) => protocol::encode(&p, version, &mut head),
+            OutFrame::Control(p) => protocol::encode(&p, st.version, &mut head),
         }
     }
     push_head(&mut head, iov);

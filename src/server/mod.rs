@@ -215,6 +215,9 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
     }
 }
 
+/// How long shutdown waits for v5 clients' DISCONNECT 0x8B to be written.
+const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
+
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
     let CoreSetup { id, settings, mesh, listeners, limits, ready, done, tls, reload } = setup;
@@ -244,10 +247,15 @@ pub async fn run_core(setup: CoreSetup) {
     io::spawn_local(room_task(core.clone(), signals.clone(), id));
     let _ = ready.send(Ok(()));
     xcore_loop(core.clone(), signals, id).await;
-    let stats = {
-        let mut c = core.borrow_mut();
-        c.close_all();
-        c.stats.clone()
-    };
+    let flushing = core.borrow_mut().close_all();
+    // v5 clients were sent DISCONNECT 0x8B: give their writers a moment to flush it, then cut.
+    let deadline = Instant::now() + SHUTDOWN_FLUSH;
+    while !flushing.iter().all(|c| c.writer_finished()) && Instant::now() < deadline {
+        io::sleep(Duration::from_millis(5)).await;
+    }
+    for c in &flushing {
+        c.kick();
+    }
+    let stats = core.borrow().stats.clone();
     let _ = done.send((id, stats));
 }

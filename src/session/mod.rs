@@ -7,11 +7,48 @@
 //! is never shared or sent across threads.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 
-use crate::protocol::{Packet, QoS, Utf8Bytes};
+use crate::protocol::{Ack, Packet, QoS, Utf8Bytes};
+
+/// The subscription identifiers (v5) a delivery carries: one per matching subscription that has one.
+pub type SubIds = SmallVec<[u32; 1]>;
+
+/// What a session keeps per subscription (and the core's index per filter and session).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SubOpts {
+    /// The granted (maximum) QoS.
+    pub qos: QoS,
+    /// v5 No Local: the client's own messages are not delivered through this subscription.
+    pub no_local: bool,
+    /// v5 Retain As Published: live deliveries keep the publisher's retain flag.
+    pub retain_as_published: bool,
+    /// v5 Subscription Identifier; 0 = none.
+    pub id: u32,
+}
+
+impl SubOpts {
+    /// A 3.1.1 subscription at `qos`.
+    pub fn qos(qos: QoS) -> SubOpts {
+        SubOpts { qos, no_local: false, retain_as_published: false, id: 0 }
+    }
+}
+
+/// The v5 properties of a message that travel with it: shared by every copy of the message (one
+/// allocation per message, never per subscriber).
+#[derive(Debug)]
+pub struct MsgProps {
+    /// Properties forwarded unchanged (payload format indicator, content type, response topic, correlation
+    /// data, user properties in their order), encoded once as a property block body (no length prefix).
+    pub forward: Bytes,
+    /// When the message expires (v5 Message Expiry Interval counted from its arrival): it is not delivered
+    /// after that, and each delivery carries the interval that remains.
+    pub expires: Option<Instant>,
+}
 
 /// An application message as it travels through the broker. Cloning bumps reference counts: the payload
 /// is never copied per subscriber.
@@ -25,6 +62,8 @@ pub struct Message {
     pub retain: bool,
     /// When the PUBLISH was read from the publisher's socket: the start of in-broker latency.
     pub received: Instant,
+    /// v5 properties; `None` for a message without any (every 3.1.1 message).
+    pub props: Option<Arc<MsgProps>>,
 }
 
 impl Message {
@@ -38,6 +77,15 @@ impl Message {
             ..self.clone()
         }
     }
+
+    /// Whether the message's expiry interval has passed at `now` (never, without one).
+    pub fn expired(&self, now: Instant) -> bool {
+        self.props.as_ref().and_then(|p| p.expires).is_some_and(|e| now >= e)
+    }
+
+    fn expires(&self) -> bool {
+        self.props.as_ref().is_some_and(|p| p.expires.is_some())
+    }
 }
 
 /// One item of a connection's outbox, encoded by the writer task at flush time.
@@ -46,7 +94,7 @@ pub enum OutFrame {
     /// A complete QoS 0 PUBLISH encoded once per message and shared by every QoS 0 subscriber of it.
     Shared { frame: Bytes, received: Instant },
     /// A PUBLISH whose head (packet id, flags) is per subscriber; the payload `Bytes` is still shared.
-    Publish { msg: Message, qos: QoS, pkid: u16, dup: bool, retain: bool },
+    Publish { msg: Message, qos: QoS, pkid: u16, dup: bool, retain: bool, sub_ids: SubIds },
     /// Any other packet the broker sends (acks, CONNACK, SUBACK, PINGRESP …).
     Control(Packet),
 }
@@ -89,6 +137,7 @@ struct Inflight {
     retain: bool,
     /// `None` once PUBREC arrived: from then on only the packet id matters.
     msg: Option<Message>,
+    sub_ids: SubIds,
 }
 
 #[derive(Debug)]
@@ -96,6 +145,7 @@ struct Queued {
     msg: Message,
     qos: QoS,
     retain: bool,
+    sub_ids: SubIds,
 }
 
 /// What became of a message handed to [`Session::deliver`].
@@ -116,8 +166,8 @@ pub struct Session {
     pub client_id: Utf8Bytes,
     /// Clean session (3.1.1): the session ends with the connection.
     pub clean: bool,
-    /// Filter -> granted QoS; mirrored in the core's subscription index.
-    pub subscriptions: HashMap<Box<str>, QoS>,
+    /// Filter -> options; mirrored in the core's subscription index.
+    pub subscriptions: HashMap<Box<str>, SubOpts>,
     limits: Limits,
     /// Flows awaiting PUBACK/PUBREC in send order; a flow moves to the back when its first PUBREC
     /// arrives, so flows awaiting PUBCOMP are in PUBREC order (the resend orders of MQTT-4.6.0-1 and
@@ -132,6 +182,8 @@ pub struct Session {
     inbound_qos2: HashSet<u16>,
     /// Messages dropped because the queue was full, over the session's life.
     pub dropped: u64,
+    /// Queued messages that have an expiry: [`Session::expire`] has nothing to do while it is 0.
+    expiring: usize,
 }
 
 impl Session {
@@ -147,22 +199,61 @@ impl Session {
             next_pkid: 1,
             inbound_qos2: HashSet::new(),
             dropped: 0,
+            expiring: 0,
         }
     }
 
     /// Hands a message to the session at `qos` (already min(publish, granted)). `out` is the connection's
     /// outbox when the client is connected, `None` while it is offline.
     pub fn deliver(&mut self, msg: Message, qos: QoS, retain: bool, out: Option<&mut Outbox>) -> Delivered {
+        self.deliver_with(msg, qos, retain, SubIds::new(), out)
+    }
+
+    /// [`Session::deliver`] with the subscription identifiers (v5) the delivery carries.
+    pub fn deliver_with(
+        &mut self,
+        msg: Message,
+        qos: QoS,
+        retain: bool,
+        sub_ids: SubIds,
+        out: Option<&mut Outbox>,
+    ) -> Delivered {
         match out {
             Some(out) if self.queue.is_empty() && self.window_open(qos) => {
-                self.send(msg, qos, retain, out);
+                self.send(msg, qos, retain, sub_ids, out);
                 Delivered::Sent
             }
             out => {
                 let online = out.is_some();
-                self.enqueue(msg, qos, retain, online)
+                self.enqueue(Queued { msg, qos, retain, sub_ids }, online)
             }
         }
+    }
+
+    /// Sets the outbound window: the client's v5 Receive Maximum caps the configured one (MQTT-3.3.4-9).
+    /// Flows already in flight stay; new ones wait until the window has room.
+    pub fn set_max_inflight(&mut self, n: u16) {
+        self.limits.max_inflight = n.max(1);
+    }
+
+    /// Drops queued messages whose expiry interval has passed (v5: an expired message is never sent).
+    /// Cheap when no queued message has an expiry.
+    pub fn expire(&mut self, now: Instant) {
+        if self.expiring == 0 {
+            return;
+        }
+        let before = self.queue.len();
+        let mut bytes = 0;
+        self.queue.retain(|q| {
+            let keep = !q.msg.expired(now);
+            if !keep {
+                bytes += q.msg.payload.len();
+            }
+            keep
+        });
+        let gone = before - self.queue.len();
+        self.queued_bytes -= bytes;
+        self.expiring -= gone;
     }
 
     /// The queue is full: under the pause policy, publishers of messages for this session must wait
@@ -188,8 +279,8 @@ impl Session {
         qos == QoS::AtMostOnce || self.inflight.len() < usize::from(self.limits.max_inflight)
     }
 
-    fn enqueue(&mut self, msg: Message, qos: QoS, retain: bool, online: bool) -> Delivered {
-        let len = msg.payload.len();
+    fn enqueue(&mut self, q: Queued, online: bool) -> Delivered {
+        let len = q.msg.payload.len();
         let (extra_msgs, extra_bytes) =
             if online { (self.limits.overflow_messages, self.limits.overflow_bytes) } else { (0, 0) };
         if self.queue.len() >= self.limits.max_queued_messages.saturating_add(extra_msgs)
@@ -200,19 +291,29 @@ impl Session {
             return Delivered::Dropped;
         }
         self.queued_bytes += len;
-        self.queue.push_back(Queued { msg, qos, retain });
+        if q.msg.expires() {
+            self.expiring += 1;
+        }
+        self.queue.push_back(q);
         Delivered::Queued
     }
 
-    fn send(&mut self, msg: Message, qos: QoS, retain: bool, out: &mut Outbox) {
+    fn send(&mut self, msg: Message, qos: QoS, retain: bool, sub_ids: SubIds, out: &mut Outbox) {
         if qos == QoS::AtMostOnce {
-            out.push_back(OutFrame::Publish { msg, qos, pkid: 0, dup: false, retain });
+            out.push_back(OutFrame::Publish { msg, qos, pkid: 0, dup: false, retain, sub_ids });
             return;
         }
         let pkid = self.alloc_pkid();
         let stage = if qos == QoS::AtLeastOnce { Stage::AwaitPubAck } else { Stage::AwaitPubRec };
-        out.push_back(OutFrame::Publish { msg: msg.clone(), qos, pkid, dup: false, retain });
-        self.inflight.push_back(Inflight { pkid, stage, qos, retain, msg: Some(msg) });
+        out.push_back(OutFrame::Publish {
+            msg: msg.clone(),
+            qos,
+            pkid,
+            dup: false,
+            retain,
+            sub_ids: sub_ids.clone(),
+        });
+        self.inflight.push_back(Inflight { pkid, stage, qos, retain, msg: Some(msg), sub_ids });
     }
 
     /// The next packet id not in flight. The window is capped at 65,535 (config validates
@@ -235,7 +336,10 @@ impl Session {
             }
             let Some(q) = self.queue.pop_front() else { break };
             self.queued_bytes -= q.msg.payload.len();
-            self.send(q.msg, q.qos, q.retain, out);
+            if q.msg.expires() {
+                self.expiring -= 1;
+            }
+            self.send(q.msg, q.qos, q.retain, q.sub_ids, out);
         }
     }
 
@@ -261,10 +365,19 @@ impl Session {
                 f.msg = None;
                 self.inflight.push_back(f);
             }
-            out.push_back(OutFrame::Control(Packet::PubRel(pkid)));
+            out.push_back(OutFrame::Control(Packet::PubRel(Ack::ok(pkid))));
         } else if self.position(pkid, Stage::AwaitPubComp).is_some() {
             // A PUBREC resent after our PUBREL got lost in a reconnect: PUBREL again.
-            out.push_back(OutFrame::Control(Packet::PubRel(pkid)));
+            out.push_back(OutFrame::Control(Packet::PubRel(Ack::ok(pkid))));
+        }
+    }
+
+    /// v5 PUBREC with a failure reason code (>= 0x80): the client refused the message and the QoS 2 flow
+    /// ends there, without PUBREL (MQTT-4.3.3); the window moves on.
+    pub fn on_pubrec_refused(&mut self, pkid: u16, out: &mut Outbox) {
+        if let Some(i) = self.position(pkid, Stage::AwaitPubRec) {
+            self.inflight.remove(i);
+            self.pump(out);
         }
     }
 
@@ -279,15 +392,37 @@ impl Session {
     /// An inbound QoS 2 PUBLISH: answers PUBREC and returns whether it must be routed (false for a
     /// resend of a packet id still awaiting PUBREL: exactly once).
     pub fn on_inbound_qos2(&mut self, pkid: u16, out: &mut Outbox) -> bool {
-        out.push_back(OutFrame::Control(Packet::PubRec(pkid)));
-        self.inbound_qos2.insert(pkid)
+        self.on_inbound_qos2_reason(pkid, 0, out)
+    }
+
+    /// [`Session::on_inbound_qos2`] answering PUBREC with a v5 reason code: a success code (< 0x80, e.g.
+    /// 0x10 no matching subscribers) remembers the packet id as usual; a refusal (0x87 not authorized)
+    /// ends the flow at once, so the id is not kept and nothing is routed.
+    pub fn on_inbound_qos2_reason(&mut self, pkid: u16, reason: u8, out: &mut Outbox) -> bool {
+        out.push_back(OutFrame::Control(Packet::PubRec(Ack { pkid, reason })));
+        reason < 0x80 && self.inbound_qos2.insert(pkid)
+    }
+
+    /// Whether an inbound QoS 2 packet id is awaiting PUBREL (a resend of it is not a new message).
+    pub fn has_inbound_qos2(&self, pkid: u16) -> bool {
+        self.inbound_qos2.contains(&pkid)
+    }
+
+    /// Inbound QoS 2 flows not yet completed: they count against the broker's v5 Receive Maximum.
+    pub fn inbound_qos2_len(&self) -> usize {
+        self.inbound_qos2.len()
     }
 
     /// PUBREL from the client: forget the packet id and answer PUBCOMP (also for an unknown id, so that a
     /// client retrying after a reconnect can finish its flow).
     pub fn on_pubrel(&mut self, pkid: u16, out: &mut Outbox) {
-        self.inbound_qos2.remove(&pkid);
-        out.push_back(OutFrame::Control(Packet::PubComp(pkid)));
+        // v5 names the unknown id in the answer (0x92); 3.1.1 has no reason code and it is not written.
+        let reason = if self.inbound_qos2.remove(&pkid) {
+            0
+        } else {
+            crate::protocol::reason::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        out.push_back(OutFrame::Control(Packet::PubComp(Ack { pkid, reason })));
     }
 
     /// The client reconnected to this session: resend what is in flight (PUBLISH with DUP, or PUBREL where
@@ -297,7 +432,7 @@ impl Session {
         for f in &self.inflight {
             match (&f.msg, f.stage) {
                 (_, Stage::AwaitPubComp) | (None, _) => {
-                    out.push_back(OutFrame::Control(Packet::PubRel(f.pkid)))
+                    out.push_back(OutFrame::Control(Packet::PubRel(Ack::ok(f.pkid))))
                 }
                 (Some(m), _) => out.push_back(OutFrame::Publish {
                     msg: m.clone(),
@@ -305,6 +440,7 @@ impl Session {
                     pkid: f.pkid,
                     dup: true,
                     retain: f.retain,
+                    sub_ids: f.sub_ids.clone(),
                 }),
             }
         }

@@ -45,6 +45,7 @@ fn msg(id: u32, len: usize, qos: QoS) -> Message {
         qos,
         retain: false,
         received: Instant::now(),
+        props: None,
     }
 }
 
@@ -56,13 +57,13 @@ fn id_of(m: &Message) -> u32 {
 fn drain(out: &mut Outbox) -> Vec<F> {
     out.drain(..)
         .map(|f| match f {
-            OutFrame::Publish { msg, qos, pkid, dup, retain } => {
+            OutFrame::Publish { msg, qos, pkid, dup, retain, .. } => {
                 assert_eq!(msg.qos, qos, "tests always deliver at the message's own QoS");
                 F::Pub { id: id_of(&msg), qos, pkid, dup, retain }
             }
-            OutFrame::Control(Packet::PubRel(p)) => F::Rel(p),
-            OutFrame::Control(Packet::PubRec(p)) => F::Rec(p),
-            OutFrame::Control(Packet::PubComp(p)) => F::Comp(p),
+            OutFrame::Control(Packet::PubRel(p)) => F::Rel(p.pkid),
+            OutFrame::Control(Packet::PubRec(p)) => F::Rec(p.pkid),
+            OutFrame::Control(Packet::PubComp(p)) => F::Comp(p.pkid),
             other => F::Other(format!("{other:?}")),
         })
         .collect()

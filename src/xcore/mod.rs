@@ -46,6 +46,8 @@ pub enum XMsg {
 pub struct Handoff {
     pub stream: std::net::TcpStream,
     pub connect: Box<Connect>,
+    /// The accepting core assigned the client id (v5 clients are told it in CONNACK).
+    pub assigned: bool,
     /// Plaintext read after the CONNECT.
     pub buffered: BytesMut,
     pub permit: ConnPermit,
