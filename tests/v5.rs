@@ -678,7 +678,7 @@ async fn disconnect_may_change_session_expiry(b: Backend) {
 
 async fn disconnect_cannot_raise_zero_expiry(b: Backend) {
     let broker = B5::start(b);
-    // MQTT-3.14.2-?: expiry 0 at CONNECT then non-zero at DISCONNECT is a Protocol Error.
+    // MQTT 5.0 §3.14.2.2.2: expiry 0 at CONNECT then non-zero at DISCONNECT is a Protocol Error.
     let (mut c, _) = Raw5::connect(broker.port, &Connect5::new("dsx-raise")).await;
     c.send(&raw5::disconnect(0, &Props::new().with(prop::SESSION_EXPIRY, Val::U32(30)))).await;
     let (code, _) = c.expect_disconnect(WAIT).await;
@@ -937,7 +937,7 @@ async fn suback_reason_codes(b: Backend) {
     let codes = c.subscribe(1, &Props::new(), &[("sa/0", 0), ("sa/1", 1), ("sa/2", 2), ("sa/+/#", 1)]).await;
     assert_eq!(codes, vec![0, 1, 2, 1], "granted QoS per filter");
     if use_mosquitto() {
-        // mosquitto 2.0.11 answers an invalid filter with DISCONNECT 0x8F? or a close; no SUBACK.
+        // mosquitto 2.0.11 answers an invalid filter by closing the connection, without a SUBACK.
         c.send(&raw5::subscribe(2, &Props::new(), &[("a/#/b", 1)])).await;
         let seen = c.expect_closed(WAIT).await;
         eprintln!("NOTE (mosquitto): invalid filter closes the connection: {seen:?}");
@@ -1222,9 +1222,7 @@ async fn shared_subscription_balanced_and_mixed_protocols(b: Backend) {
         m5.expect_nothing().await;
         assert_eq!(seen.len(), n, "every message delivered (v5 {c5n}, 3.1.1 {c4n})");
         assert!(seen.values().all(|&k| k == 1), "each message exactly once");
-        if !use_mosquitto() || round == 0 {
-            assert!(c5n >= 40 && c4n >= 40, "balanced between the two members: v5 {c5n}, 3.1.1 {c4n}");
-        }
+        assert!(c5n >= 40 && c4n >= 40, "balanced between the two members: v5 {c5n}, 3.1.1 {c4n}");
         p.disconnect().await;
         m5.disconnect().await;
         m4.disconnect().await;
@@ -1328,7 +1326,7 @@ async fn outbound_topic_alias_only_when_client_allows(b: Backend) {
         assert!((1..=4).contains(&a), "alias within the client's maximum: {a}");
         for _ in 0..2 {
             let m = s.recv_publish().await;
-            assert!(m.topic.is_empty() || m.props.int(prop::TOPIC_ALIAS) == Some(a), "{m:?}");
+            assert!(m.topic.is_empty(), "later messages on the topic carry an empty topic name: {m:?}");
             assert_eq!(m.props.int(prop::TOPIC_ALIAS), Some(a), "later messages use the alias: {m:?}");
         }
         for _ in 0..3 {

@@ -32,8 +32,13 @@ use crate::protocol::{
 };
 use crate::session::{Delivered, Limits, Message, MsgProps, OutFrame, Outbox, Session, SubIds, SubOpts};
 use crate::stats::Stats;
-use crate::topic::{level_count, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex};
+use crate::topic::{
+    level_count, parse_shared, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex,
+};
 use crate::xcore::{Handoff, Mesh, XMsg};
+
+mod shared;
+use shared::{GroupViews, LocalGroups};
 
 /// Broker-wide settings every core reads (a copy per core).
 #[derive(Clone, Debug)]
@@ -273,6 +278,10 @@ pub struct Core {
     expiring: BinaryHeap<Reverse<(Instant, usize)>>,
     /// Sessions with a delayed will.
     pending_wills: Vec<usize>,
+    /// Every shared group of the broker and how many members each core has: where to send a message.
+    shared_views: GroupViews,
+    /// The shared groups this core's sessions belong to.
+    shared_local: LocalGroups,
     /// Connections the broker closed after queueing a v5 DISCONNECT: their writer flushes it, and they are
     /// shut down hard at the deadline if it could not.
     lingering: Vec<(Rc<ConnCtl>, Instant)>,
@@ -377,6 +386,8 @@ impl Core {
             expiring: BinaryHeap::new(),
             pending_wills: Vec::new(),
             lingering: Vec::new(),
+            shared_views: GroupViews::default(),
+            shared_local: LocalGroups::default(),
         }
     }
 
@@ -577,9 +588,69 @@ impl Core {
         }
         self.mark_dirty(&ctl);
         self.update_congestion(skey);
+        self.announce_session_groups(skey);
+    }
+
+    /// Tells every core (this one included) how many members of each shared group of session `skey` this
+    /// core has, after the session joined, left, came online or went offline.
+    fn announce_session_groups(&mut self, skey: usize) {
+        let Some(se) = self.sessions.get(skey) else { return };
+        let names: SmallVec<[Box<str>; 2]> =
+            se.session.subscriptions.keys().filter(|f| f.starts_with("$share/")).cloned().collect();
+        for name in names {
+            self.announce_group(&name);
+        }
+    }
+
+    fn announce_group(&mut self, name: &str) {
+        let (group, filter, online, total) = match self.shared_local.get(name) {
+            Some(g) => {
+                let online = g
+                    .members
+                    .iter()
+                    .filter(|(k, _)| self.sessions.get(*k).is_some_and(|se| se.conn.is_some()))
+                    .count();
+                (g.name.clone(), g.filter.clone(), online as u32, g.members.len() as u32)
+            }
+            None => match parse_shared(name) {
+                Some(Ok((_, filter))) => (Arc::from(name), Box::from(filter), 0, 0),
+                _ => return,
+            },
+        };
+        let cores = self.cores();
+        self.shared_views.update(cores, self.id, &group, &filter, online, total);
+        for dst in 0..cores {
+            if dst != self.id {
+                let msg = XMsg::Shared {
+                    core: self.id,
+                    group: group.clone(),
+                    filter: filter.clone(),
+                    online,
+                    total,
+                };
+                self.mesh.stage(dst, msg);
+            }
+        }
+    }
+
+    /// Delivers `msg` to one member of the shared group `name` on this core: an online, uncongested one
+    /// if there is one (round robin), else any (its persistent session queues the message).
+    fn deliver_shared(&mut self, name: &str, msg: &Message) {
+        let sessions = &self.sessions;
+        let eligible =
+            |skey: usize| sessions.get(skey).is_some_and(|se| se.conn.is_some() && se.congested.is_none());
+        let Some((skey, o)) = self.shared_local.pick(name, eligible) else {
+            // The last member left while the message was on its way.
+            self.stats.dropped += 1;
+            return;
+        };
+        let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
+        let retain = msg.retain && o.retain_as_published;
+        self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut SharedFrames::default(), &mut None);
     }
 
     /// Handles one packet from an established connection.
+
     pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
         let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
             return Flow::Close(reason::PROTOCOL_ERROR, "packet before CONNECT");
@@ -791,7 +862,7 @@ impl Core {
     /// Whether any subscription on any core may match `topic` (this core's index, and the interest other
     /// cores announced).
     fn has_subscribers(&self, topic: &str) -> bool {
-        self.index.any_match(topic) || self.interest.any_match(topic)
+        self.index.any_match(topic) || self.interest.any_match(topic) || self.shared_views.any_match(topic)
     }
 
     /// The ACL's write check for the client of session `skey`.
@@ -892,7 +963,8 @@ impl Core {
             .session
             .subscriptions
             .iter()
-            .filter(|(_, o)| o.qos != QoS::AtMostOnce)
+            // Shared groups pick an uncongested member instead of pausing publishers.
+            .filter(|(f, o)| o.qos != QoS::AtMostOnce && !f.starts_with("$share/"))
             .map(|(f, _)| f.clone())
             .collect();
         se.congested = Some(filters.clone());
@@ -952,6 +1024,16 @@ impl Core {
             self.mesh.stage(dst, XMsg::Publish(msg.clone()));
         }
         self.deliver_local(&msg, origin);
+        // One member of each matching shared group, chosen here for the whole broker.
+        let mut picks: SmallVec<[(Arc<str>, usize); 2]> = SmallVec::new();
+        self.shared_views.pick(msg.topic.as_str(), |g, core| picks.push((g.clone(), core)));
+        for (group, core) in picks {
+            if core == self.id {
+                self.deliver_shared(&group, &msg);
+            } else {
+                self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group });
+            }
+        }
     }
 
     fn store_retained(&mut self, msg: &Message) {
@@ -1095,11 +1177,25 @@ impl Core {
         let mut codes: SmallVec<[u8; 2]> = SmallVec::new();
         let mut granted_filters: SmallVec<[(Utf8Bytes, SubOpts); 2]> = SmallVec::new();
         let id = sub.subscription_id.unwrap_or(0);
+        let v5 = self.conns.get(key).is_some_and(|c| c.v5.is_some());
         for f in sub.filters {
             let filter = f.filter.as_str();
-            if !valid_topic_filter(filter) || level_count(filter) > self.settings.max_topic_levels {
+            let shared = match parse_shared(filter) {
+                None => None,
+                Some(Ok((_, inner))) => Some(inner),
+                Some(Err(())) => {
+                    codes.push(reason::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            let inner = shared.unwrap_or(filter);
+            if !valid_topic_filter(inner) || level_count(inner) > self.settings.max_topic_levels {
                 codes.push(reason::TOPIC_FILTER_INVALID);
                 continue;
+            }
+            if shared.is_some() && f.no_local && v5 {
+                // MQTT-3.8.3-4.
+                return Flow::Close(reason::PROTOCOL_ERROR, "No Local on a shared subscription");
             }
             let denied = match (&self.settings.acl, self.sessions.get(skey)) {
                 (Some(acl), Some(se)) => {
@@ -1124,14 +1220,20 @@ impl Core {
             }
             let opts =
                 SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
-            let ins = self.index.insert(filter, skey, opts);
-            if ins.first_for_filter {
-                self.broadcast_interest(filter, true);
-            }
             if let Some(se) = self.sessions.get_mut(skey) {
                 se.session.subscriptions.insert(filter.into(), opts);
             }
             codes.push(f.qos as u8);
+            if let Some(inner) = shared {
+                // Retained messages are not sent to a shared subscription (mosquitto, EMQX).
+                self.shared_local.join(filter, inner, skey, opts);
+                self.announce_group(filter);
+                continue;
+            }
+            let ins = self.index.insert(filter, skey, opts);
+            if ins.first_for_filter {
+                self.broadcast_interest(filter, true);
+            }
             // Retain Handling (v5): 0 sends retained messages, 1 only for a new subscription, 2 never.
             if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
                 granted_filters.push((f.filter, opts));
@@ -1173,6 +1275,12 @@ impl Core {
     fn unsubscribe_one(&mut self, skey: usize, filter: &str) -> bool {
         let existed =
             self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
+        if filter.starts_with("$share/") {
+            if self.shared_local.leave(filter, skey).is_some() {
+                self.announce_group(filter);
+            }
+            return existed;
+        }
         if self.index.remove(filter, skey).last_for_filter {
             self.broadcast_interest(filter, false);
         }
@@ -1197,6 +1305,12 @@ impl Core {
         self.withdraw_congestion(skey);
         let se = self.sessions.remove(skey);
         for filter in se.session.subscriptions.keys() {
+            if filter.starts_with("$share/") {
+                if self.shared_local.leave(filter, skey).is_some() {
+                    self.announce_group(filter);
+                }
+                continue;
+            }
             if self.index.remove(filter, skey).last_for_filter {
                 self.broadcast_interest(filter, false);
             }
@@ -1302,6 +1416,8 @@ impl Core {
                     }
                     // Offline, its queue drops the newest when full: publishers need not wait.
                     self.update_congestion(skey);
+                    // Its shared groups stop choosing it at once.
+                    self.announce_session_groups(skey);
                 }
             }
             if let Some(w) = will.take() {
@@ -1449,6 +1565,11 @@ impl Core {
                     }
                 }
                 XMsg::Handoff(h) => self.handoffs.push(h),
+                XMsg::Shared { core, group, filter, online, total } => {
+                    let cores = self.cores();
+                    self.shared_views.update(cores, core, &group, &filter, online, total);
+                }
+                XMsg::SharedPublish { msg, group } => self.deliver_shared(&group, &msg),
             }
         }
         self.inbound = batch;

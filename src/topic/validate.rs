@@ -14,8 +14,7 @@ pub fn valid_topic_name(s: &str) -> bool {
 /// 65,535 bytes, no U+0000, '#' only as the whole last level (MQTT-4.7.1-2) and '+' only as a whole level
 /// (MQTT-4.7.1-3).
 ///
-/// `$share/...` filters are accepted as ordinary filters for now; shared subscriptions (v5) will be parsed
-/// by the caller before reaching this module.
+/// A shared subscription `$share/{group}/{filter}` is checked as a whole by [`parse_shared`] instead.
 pub fn valid_topic_filter(s: &str) -> bool {
     if s.is_empty() || s.len() > MAX_TOPIC_LEN || s.contains('\0') {
         return false;
@@ -31,6 +30,22 @@ pub fn valid_topic_filter(s: &str) -> bool {
         }
     }
     true
+}
+
+/// Splits a shared subscription `$share/{group}/{filter}` (MQTT 5.0 §4.8.2) into its group and filter.
+/// `None` if `s` is not one; `Some(Err(()))` if it is one but malformed: an empty group, a group with a
+/// wildcard (MQTT-4.8.2-2), or an invalid or missing filter (MQTT-4.8.2-1).
+#[allow(clippy::result_unit_err)]
+pub fn parse_shared(s: &str) -> Option<Result<(&str, &str), ()>> {
+    let rest = s.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, filter))
+            if !group.is_empty() && !group.contains(['+', '#']) && valid_topic_filter(filter) =>
+        {
+            Ok((group, filter))
+        }
+        _ => Err(()),
+    })
 }
 
 /// Whether `filter` matches `topic`, MQTT 3.1.1 §4.7.
@@ -197,5 +212,18 @@ mod tests {
         assert_eq!(level_count("a/b/c"), 3);
         assert_eq!(level_count("sport/tennis/#"), 3);
         assert_eq!(level_count("a//"), 3);
+    }
+
+    #[test]
+    fn shared_subscriptions_are_parsed() {
+        assert_eq!(parse_shared("a/b"), None);
+        assert_eq!(parse_shared("$share/g/a/+"), Some(Ok(("g", "a/+"))));
+        assert_eq!(parse_shared("$share/g/#"), Some(Ok(("g", "#"))));
+        assert_eq!(parse_shared("$share/g/"), Some(Err(())));
+        assert_eq!(parse_shared("$share//a"), Some(Err(())));
+        assert_eq!(parse_shared("$share/g+/a"), Some(Err(())));
+        assert_eq!(parse_shared("$share/g"), Some(Err(())));
+        assert_eq!(parse_shared("$share/g/a/#/b"), Some(Err(())));
+        assert_eq!(parse_shared("$sharex/g/a"), None);
     }
 }

@@ -39,6 +39,11 @@ pub enum XMsg {
     /// A connection whose CONNECT arrived on the sending core but whose session lives on the destination
     /// core (the home core of its client id).
     Handoff(Handoff),
+    /// The sending core's members of the shared group `group` (`$share/{g}/{filter}`): how many are
+    /// online, how many in all.
+    Shared { core: usize, group: Arc<str>, filter: Box<str>, online: u32, total: u32 },
+    /// The publishing core picked the destination core to deliver `msg` to one member of `group`.
+    SharedPublish { msg: Message, group: Arc<str> },
 }
 
 /// A connection moving to its home core, with everything read from it so far.

@@ -265,7 +265,8 @@ def test_connack_assigned_id_and_limits(make_broker):
     assert p.TopicAliasMaximum == 10, p
     assert p.MaximumPacketSize == 65536, p
     assert p.ReceiveMaximum == (20 if MOSQUITTO else 1024), p
-    for name in ("WildcardSubscriptionAvailable", "SubscriptionIdentifierAvailable", "SharedSubscriptionAvailable"):
+    for name in ("WildcardSubscriptionAvailable", "SubscriptionIdentifierAvailable",
+                 "SharedSubscriptionAvailable"):
         assert getattr(p, name, 1) == 1, (name, p)
     assert not c.flags.session_present
     c.close()
@@ -412,8 +413,7 @@ def test_retain_handling(broker, handling, first, again):
 def test_suback_unsuback_puback_reason_codes(broker):
     c = Client(broker.port)
     assert c.suback([("pyrc/a", 2), ("pyrc/+/b", 0)]) == [2, 0]
-    if not MOSQUITTO:  # mosquitto 2.0.11 closes the connection on an invalid filter
-        assert c.suback([("pyrc/#/x", 1)]) == [0x8F]
+    # 0x8F for an invalid filter is checked in tests/v5.rs with raw packets: paho refuses to send one.
     assert c.unsubscribe(["pyrc/a", "pyrc/never"]) == [0x00, 0x11]
     pub = Client(broker.port)
     assert pub.publish("pyrc/nobody", b"x", 1) == 0x10, "PUBACK No matching subscribers"
@@ -529,7 +529,8 @@ def drain(clients, total, timeout=WAIT):
 
 def test_shared_subscriptions_v5_and_v311(broker):
     # Group a: two v5 and one 3.1.1 member; group b: one v5 and one 3.1.1; a plain subscriber.
-    a = [Client(broker.port, client_id=f"py5-sha-{i}") for i in range(2)] + [v311(broker.port, client_id="py4-sha")]
+    a = [Client(broker.port, client_id=f"py5-sha-{i}") for i in range(2)]
+    a.append(v311(broker.port, client_id="py4-sha"))
     bgrp = [Client(broker.port, client_id="py5-shb"), v311(broker.port, client_id="py4-shb")]
     for c in a:
         c.subscribe("$share/a/pysh/#", 1)
@@ -577,8 +578,8 @@ def test_request_response_round_trip(broker):
     responder.subscribe("pyreq/service", 1)
     requester = Client(broker.port)
     requester.subscribe("pyreq/reply/me", 1)
-    requester.publish("pyreq/service", b"ping", 1,
-                      properties=props(PacketTypes.PUBLISH, ResponseTopic="pyreq/reply/me", CorrelationData=b"42"))
+    request = props(PacketTypes.PUBLISH, ResponseTopic="pyreq/reply/me", CorrelationData=b"42")
+    requester.publish("pyreq/service", b"ping", 1, properties=request)
     req = responder.recv()
     responder.publish(req.properties.ResponseTopic, b"pong", 1,
                       properties=props(PacketTypes.PUBLISH, CorrelationData=req.properties.CorrelationData))
