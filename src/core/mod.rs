@@ -650,7 +650,6 @@ impl Core {
     }
 
     /// Handles one packet from an established connection.
-
     pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
         let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
             return Flow::Close(reason::PROTOCOL_ERROR, "packet before CONNECT");
