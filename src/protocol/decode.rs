@@ -1323,8 +1323,12 @@ mod unit {
         assert_eq!(props.content_type, Some(s("j")));
         assert_eq!(props.user_properties, vec![(s("k"), s("v"))]);
 
-        // Topic alias 0 (MQTT-3.3.2-8) and a CONNECT property: Protocol Errors.
-        assert_eq!(protocol5(&[0x30, 6, 0, 0, 3, 0x23, 0, 0]), "topic alias 0");
+        // Topic alias 0 (MQTT-3.3.2-8) decodes: the broker answers it with 0x94 like any invalid alias.
+        let Ok(Some(Packet::Publish(p))) = dec_v(&[0x30, 6, 0, 0, 3, 0x23, 0, 0], ProtocolVersion::V5) else {
+            panic!("alias 0 should decode")
+        };
+        assert_eq!(p.properties.and_then(|p| p.topic_alias), Some(0));
+        // A CONNECT property in PUBLISH: Protocol Error.
         protocol5(&[0x30, 9, 0, 1, b't', 5, 0x11, 0, 0, 0, 1]);
         // Packet id 0 stays Malformed; so does a truncated block.
         assert_eq!(malformed5(&[0x32, 6, 0, 1, b't', 0, 0, 0]), "packet id 0");

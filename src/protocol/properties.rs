@@ -98,7 +98,7 @@ pub struct Properties {
     pub receive_maximum: Option<u16>,
     /// 0x22.
     pub topic_alias_maximum: Option<u16>,
-    /// 0x23, never 0.
+    /// 0x23; 0 is invalid (MQTT-3.3.2-8) but decoded, so that the broker can answer it with 0x94.
     pub topic_alias: Option<u16>,
     /// 0x24, 0 or 1.
     pub maximum_qos: Option<u8>,
@@ -376,7 +376,9 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
         REASON_STRING => p.reason_string = Some(r.string()?),
         RECEIVE_MAXIMUM => p.receive_maximum = Some(r.nonzero_u16("receive maximum 0")?),
         TOPIC_ALIAS_MAXIMUM => p.topic_alias_maximum = Some(r.u16()?),
-        TOPIC_ALIAS => p.topic_alias = Some(r.nonzero_u16("topic alias 0")?),
+        // 0 is not a valid alias (MQTT-3.3.2-8), but the receiver answers it as an invalid alias (0x94),
+        // like one above its maximum: it decodes, and the broker refuses it.
+        TOPIC_ALIAS => p.topic_alias = Some(r.u16()?),
         MAXIMUM_QOS => p.maximum_qos = Some(r.flag()?),
         RETAIN_AVAILABLE => p.retain_available = Some(r.flag()?),
         USER_PROPERTY => {
@@ -1082,7 +1084,8 @@ mod unit {
         }
         protocol(&[0x21, 0, 0], Connect);
         protocol(&[0x21, 0, 0], ConnAck);
-        protocol(&[0x23, 0, 0], Publish);
+        // Topic alias 0 decodes: the receiver refuses it as an invalid alias (0x94).
+        assert_eq!(dec(&[0x23, 0, 0], Publish).unwrap().topic_alias, Some(0));
         protocol(&[0x27, 0, 0, 0, 0], Connect);
         protocol(&[0x0B, 0], Publish);
         protocol(&[0x0B, 0x80, 0x00], Subscribe);

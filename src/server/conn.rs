@@ -432,6 +432,9 @@ async fn established(
                     Err(e @ DecodeError::PacketTooLarge { .. }) => {
                         flow = Flow::Close(e.reason_code(), "packet too large")
                     }
+                    Err(e @ DecodeError::Protocol(_)) => {
+                        flow = Flow::Close(e.reason_code(), "protocol error")
+                    }
                     Err(e) => flow = Flow::Close(e.reason_code(), "malformed packet"),
                 }
             }
