@@ -121,6 +121,44 @@ impl SlowSubscriberChoice {
     }
 }
 
+/// When the persistence log is made durable (`[persistence] fsync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Before a QoS 1/2 PUBLISH is acknowledged (group commit): an acknowledged message survives a power
+    /// loss.
+    Always,
+    /// Every `fsync_interval_ms`: a crash of the machine loses at most that much; a crash of the broker
+    /// alone loses nothing written.
+    Interval,
+    /// Never explicitly: the kernel writes back when it likes (a broker crash loses nothing written, a
+    /// machine crash may lose the last ~30 s).
+    Never,
+}
+
+impl FsyncPolicy {
+    fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "interval" => Ok(FsyncPolicy::Interval),
+            "never" => Ok(FsyncPolicy::Never),
+            _ => Err(format!("\"{s}\" is not one of \"always\", \"interval\", \"never\"")),
+        }
+    }
+}
+
+/// `[persistence]` with `enabled = true`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistenceConfig {
+    /// Where the logs live (relative paths are relative to the config file).
+    pub data_dir: PathBuf,
+    pub fsync: FsyncPolicy,
+    /// For [`FsyncPolicy::Interval`].
+    pub fsync_interval: Duration,
+}
+
+/// Default for `[persistence] fsync_interval_ms`.
+pub const DEFAULT_FSYNC_INTERVAL_MS: u64 = 1000;
+
 /// One listening address; every core binds it with `SO_REUSEPORT`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ListenerConfig {
@@ -211,6 +249,8 @@ pub struct Config {
     pub password_file: Option<(PathBuf, PasswordFile)>,
     /// `[auth] acl_file`, read and parsed at startup (mosquitto acl_file format).
     pub acl_file: Option<(PathBuf, Acl)>,
+    /// `[persistence]`, when enabled.
+    pub persistence: Option<PersistenceConfig>,
     /// The file this came from, if any.
     pub source: Option<PathBuf>,
 }
@@ -314,6 +354,7 @@ struct Layer {
     max_client_id_len: Option<usize>,
     password_file: Option<(PathBuf, Origin)>,
     acl_file: Option<(PathBuf, Origin)>,
+    persistence: Option<PersistenceConfig>,
 }
 
 /// The file as serde sees it. Scalars stay `Value`s so that type errors are reported by `FileCtx`
@@ -345,7 +386,20 @@ struct RawFile {
     max_client_id_len: Option<Spanned<Value>>,
     listener: Option<Spanned<Vec<Spanned<RawListener>>>>,
     auth: Option<Spanned<RawAuth>>,
+    persistence: Option<Spanned<RawPersistence>>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a [persistence] table")]
+struct RawPersistence {
+    enabled: Option<Spanned<Value>>,
+    data_dir: Option<Spanned<Value>>,
+    fsync: Option<Spanned<Value>>,
+    fsync_interval_ms: Option<Spanned<Value>>,
+}
+
+/// `fsync_interval_ms`: 1 ms to one hour.
+const FSYNC_INTERVAL: Range = Range::new(1, 3_600_000);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, expecting = "an [auth] table")]
@@ -667,6 +721,46 @@ fn parse_file(text: &str, path: &Path) -> Result<Layer, ConfigError> {
         let (n, _) = ctx.int("ring_capacity", v, &RING)?;
         layer.ring_capacity = Some(usize::try_from(n).unwrap_or(DEFAULT_RING_CAPACITY));
     }
+    if let Some(table) = &raw.persistence {
+        let t = table.get_ref();
+        let enabled = match &t.enabled {
+            Some(v) => ctx.bool("persistence.enabled", v)?,
+            None => false,
+        };
+        let dir = path.parent().unwrap_or(Path::new(""));
+        let data_dir = match &t.data_dir {
+            Some(v) => {
+                let (s, origin) = ctx.string("persistence.data_dir", v)?;
+                if s.is_empty() {
+                    return Err(origin.error("must not be empty"));
+                }
+                Some(dir.join(s))
+            }
+            None => None,
+        };
+        let fsync = match &t.fsync {
+            Some(v) => {
+                let (s, origin) = ctx.string("persistence.fsync", v)?;
+                FsyncPolicy::parse(s).map_err(|m| origin.error(m))?
+            }
+            None => FsyncPolicy::Always,
+        };
+        let interval = match &t.fsync_interval_ms {
+            Some(v) => {
+                u64::try_from(ctx.int("persistence.fsync_interval_ms", v, &FSYNC_INTERVAL)?.0).unwrap_or(1)
+            }
+            None => DEFAULT_FSYNC_INTERVAL_MS,
+        };
+        if enabled {
+            let Some(data_dir) = data_dir else {
+                return Err(ctx
+                    .origin("persistence", table.span())
+                    .error("enabled = true needs data_dir = \"PATH\" (where the logs are kept)"));
+            };
+            layer.persistence =
+                Some(PersistenceConfig { data_dir, fsync, fsync_interval: Duration::from_millis(interval) });
+        }
+    }
     if let Some(auth) = &raw.auth {
         let auth = auth.get_ref();
         // Relative to the config file, so that a config and its files can move together.
@@ -979,6 +1073,7 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
         max_client_id_len: layer.max_client_id_len.unwrap_or(DEFAULT_MAX_CLIENT_ID_LEN),
         password_file,
         acl_file,
+        persistence: layer.persistence,
         source: layer.source,
     })
 }
@@ -1283,6 +1378,32 @@ bind = "0.0.0.0:1883"
     }
 
     #[test]
+    fn persistence_table() {
+        assert_eq!(build("", &[]).unwrap().persistence, None);
+        assert_eq!(build("[persistence]\nenabled = false\n", &[]).unwrap().persistence, None);
+        let c = build("[persistence]\nenabled = true\ndata_dir = \"d\"\n", &[]).unwrap();
+        let p = c.persistence.unwrap();
+        assert_eq!(
+            (p.data_dir, p.fsync, p.fsync_interval),
+            (PathBuf::from("d"), FsyncPolicy::Always, Duration::from_secs(1))
+        );
+        let c = build(
+            "[persistence]\nenabled = true\ndata_dir = \"d\"\nfsync = \"interval\"\nfsync_interval_ms = 50\n",
+            &[],
+        );
+        let p = c.unwrap().persistence.unwrap();
+        assert_eq!((p.fsync, p.fsync_interval), (FsyncPolicy::Interval, Duration::from_millis(50)));
+        let e = err("[persistence]\nenabled = true\n", &[]);
+        assert!(e.contains("\"persistence\"") && e.contains("data_dir"), "{e}");
+        let e = err("[persistence]\nenabled = true\ndata_dir = \"d\"\nfsync = \"sometimes\"\n", &[]);
+        assert!(e.contains("persistence.fsync") && e.contains("(line 4)"), "{e}");
+        let e = err("[persistence]\nenabled = true\ndata_dir = \"d\"\nfsync_interval_ms = 0\n", &[]);
+        assert!(e.contains("persistence.fsync_interval_ms"), "{e}");
+        let e = err("[persistence]\nenable = true\n", &[]);
+        assert!(e.contains("enable") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
     fn range_errors() {
         let cases = [
             (
@@ -1581,6 +1702,11 @@ bind = "0.0.0.0:1883"
             "[auth]",
             "password_file",
             "acl_file",
+            "[persistence]",
+            "enabled",
+            "data_dir",
+            "fsync",
+            "fsync_interval_ms",
         ] {
             assert!(
                 text.lines().any(|l| l.trim_start_matches("# ").starts_with(key)),

@@ -13,6 +13,7 @@ pub mod core;
 pub mod cpus;
 pub mod io;
 pub mod passwd;
+pub mod persist;
 pub mod protocol;
 pub mod server;
 pub mod session;

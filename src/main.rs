@@ -192,6 +192,15 @@ fn main() {
     let sigset = block_signals();
 
     let n = cfg.threads;
+    // Recovery runs before any core starts: each core begins with its part of the state.
+    let mut stores: Vec<Option<server::persist::CoreStore>> = match &cfg.persistence {
+        Some(pc) => server::persist::open_store(pc, n, settings(&cfg).limits)
+            .unwrap_or_else(|e| fail(e))
+            .into_iter()
+            .map(Some)
+            .collect(),
+        None => (0..n).map(|_| None).collect(),
+    };
     let meshes = xcore::build_mesh(n, cfg.ring_capacity);
     let signals = meshes[0].signals().clone();
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -215,6 +224,7 @@ fn main() {
             done: done_tx.clone(),
             tls,
             reload: reload_rx,
+            store: stores.get_mut(id).and_then(Option::take),
         };
         let cpu = cfg.cpus.as_ref().and_then(|c| c.get(id).copied());
         let spawned = std::thread::Builder::new().name(format!("coremq-core-{id}")).spawn(move || {

@@ -37,8 +37,12 @@ use crate::topic::{
 };
 use crate::xcore::{Handoff, Mesh, XMsg};
 
+mod durable;
 mod shared;
+pub use durable::Persister;
 use shared::{GroupViews, LocalGroups};
+
+use crate::persist::Record;
 
 /// Broker-wide settings every core reads (a copy per core).
 #[derive(Clone, Debug)]
@@ -215,6 +219,9 @@ struct SessionEntry {
     offline_since: Option<Instant>,
     /// A v5 will waiting for its Will Delay Interval, and when it is due.
     pending_will: Option<(Box<Will>, Instant)>,
+    /// The session's number in this core's persistence log, while it is persisted (persistence on and
+    /// expiry above 0).
+    sid: Option<u32>,
 }
 
 /// What the reader does after a packet.
@@ -282,6 +289,8 @@ pub struct Core {
     shared_views: GroupViews,
     /// The shared groups this core's sessions belong to.
     shared_local: LocalGroups,
+    /// Persistence (`[persistence] enabled`): this core's log.
+    pub persist: Option<Persister>,
     /// Connections the broker closed after queueing a v5 DISCONNECT: their writer flushes it, and they are
     /// shut down hard at the deadline if it could not.
     lingering: Vec<(Rc<ConnCtl>, Instant)>,
@@ -388,6 +397,7 @@ impl Core {
             lingering: Vec::new(),
             shared_views: GroupViews::default(),
             shared_local: LocalGroups::default(),
+            persist: None,
         }
     }
 
@@ -518,6 +528,7 @@ impl Core {
                     expiry,
                     offline_since: None,
                     pending_will: None,
+                    sid: None,
                 });
                 self.by_client.insert(client_id.clone(), skey);
                 skey
@@ -587,6 +598,8 @@ impl Core {
             se.session.resume(&mut out);
         }
         self.mark_dirty(&ctl);
+        self.persist_session(skey);
+        self.log_journal(skey);
         self.update_congestion(skey);
         self.announce_session_groups(skey);
     }
@@ -714,6 +727,7 @@ impl Core {
                 se.expiry = x.min(cap);
                 se.session.clean = se.expiry == 0;
             }
+            self.persist_session(skey);
         }
         Flow::Disconnect { will: d.reason == reason::DISCONNECT_WITH_WILL }
     }
@@ -749,6 +763,7 @@ impl Core {
         let ctl = c.ctl.clone();
         f(&mut se.session, &mut ctl.outbox.borrow_mut());
         self.mark_dirty(&ctl);
+        self.log_journal(skey);
         Flow::Continue
     }
 
@@ -832,15 +847,30 @@ impl Core {
             }
             (true, true) => reason::SUCCESS,
         };
+        // fsync = "always": the acknowledgement waits until the message is durable wherever it went.
+        let always = p.qos != QoS::AtMostOnce && self.persist.as_ref().is_some_and(|p| p.always);
+        let sent_before: SmallVec<[u64; 8]> = if always {
+            self.persist.as_ref().map(|p| p.sent_counts().into()).unwrap_or_default()
+        } else {
+            SmallVec::new()
+        };
+        let mut ack = None;
         let route = match p.qos {
             QoS::AtMostOnce => true,
             QoS::AtLeastOnce => {
-                self.reply(key, Packet::PubAck(Ack { pkid: p.pkid, reason: code }));
+                ack = Some(Packet::PubAck(Ack { pkid: p.pkid, reason: code }));
                 true
             }
             QoS::ExactlyOnce => {
                 let mut first = false;
-                self.with_session(key, skey, |s, out| first = s.on_inbound_qos2_reason(p.pkid, code, out));
+                let mut answer = Outbox::new();
+                if let Some(se) = self.sessions.get_mut(skey) {
+                    first = se.session.on_inbound_qos2_reason(p.pkid, code, &mut answer);
+                }
+                self.log_journal(skey);
+                if let Some(OutFrame::Control(pk)) = answer.pop_front() {
+                    ack = Some(pk);
+                }
                 first
             }
         };
@@ -856,6 +886,26 @@ impl Core {
             };
             self.publish_from(msg, Some(skey));
         }
+        let Some(ack) = ack else { return };
+        if always {
+            let Some(ctl) = self.conns.get(key).map(|c| c.ctl.clone()) else { return };
+            let Some(pst) = &mut self.persist else { return };
+            let remote: SmallVec<[(usize, u64); 2]> = pst
+                .sent_counts()
+                .iter()
+                .zip(sent_before.iter())
+                .enumerate()
+                .filter(|(_, (now, before))| now > before)
+                .map(|(core, (&now, _))| (core, now))
+                .collect();
+            let local = pst.appended;
+            if let Some((ctl, ack)) = pst.hold_ack(ctl, ack, local, remote) {
+                ctl.outbox.borrow_mut().push_back(OutFrame::Control(ack));
+                self.mark_dirty(&ctl);
+            }
+            return;
+        }
+        self.reply(key, ack);
     }
 
     /// Whether any subscription on any core may match `topic` (this core's index, and the interest other
@@ -1021,6 +1071,9 @@ impl Core {
             let dst = mask.trailing_zeros() as usize;
             mask &= mask - 1;
             self.mesh.stage(dst, XMsg::Publish(msg.clone()));
+            if let Some(p) = &mut self.persist {
+                p.sent_to(dst);
+            }
         }
         self.deliver_local(&msg, origin);
         // One member of each matching shared group, chosen here for the whole broker.
@@ -1031,11 +1084,17 @@ impl Core {
                 self.deliver_shared(&group, &msg);
             } else {
                 self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group });
+                if let Some(p) = &mut self.persist {
+                    p.sent_to(core);
+                }
             }
         }
     }
 
     fn store_retained(&mut self, msg: &Message) {
+        if self.owns_retained(msg.topic.as_str()) {
+            self.log(Record::Retained { msg: msg.clone() });
+        }
         if msg.payload.is_empty() {
             self.retained.remove(msg.topic.as_str());
         } else {
@@ -1162,6 +1221,7 @@ impl Core {
                 }
                 let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
                 drop(guard);
+                self.log_journal(skey);
                 if newly_full {
                     self.update_congestion(skey);
                 }
@@ -1219,8 +1279,13 @@ impl Core {
             }
             let opts =
                 SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
+            let mut sid = None;
             if let Some(se) = self.sessions.get_mut(skey) {
                 se.session.subscriptions.insert(filter.into(), opts);
+                sid = se.sid;
+            }
+            if let Some(sid) = sid {
+                self.log(Record::Subscribe { sid, filter: f.filter.clone(), opts });
             }
             codes.push(f.qos as u8);
             if let Some(inner) = shared {
@@ -1274,6 +1339,9 @@ impl Core {
     fn unsubscribe_one(&mut self, skey: usize, filter: &str) -> bool {
         let existed =
             self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
+        if let (true, Some(sid)) = (existed, self.sessions.get(skey).and_then(|se| se.sid)) {
+            self.log(Record::Unsubscribe { sid, filter: Utf8Bytes::copy_from_str(filter) });
+        }
         if filter.starts_with("$share/") {
             if self.shared_local.leave(filter, skey).is_some() {
                 self.announce_group(filter);
@@ -1302,6 +1370,9 @@ impl Core {
         }
         self.fire_will(skey);
         self.withdraw_congestion(skey);
+        if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
+            self.log(Record::SessionEnd { sid });
+        }
         let se = self.sessions.remove(skey);
         for filter in se.session.subscriptions.keys() {
             if filter.starts_with("$share/") {
@@ -1408,6 +1479,11 @@ impl Core {
                     }
                     self.end_session(skey);
                 } else {
+                    if let Some(sid) = se.sid {
+                        let unix_ms = durable::Persister::clock().unix_ms;
+                        self.log(Record::Offline { sid, unix_ms });
+                    }
+                    let Some(se) = self.sessions.get_mut(skey) else { return };
                     if se.expiry != u32::MAX {
                         if let Some(at) = now.checked_add(Duration::from_secs(u64::from(se.expiry))) {
                             self.expiring.push(Reverse((at, skey)));
@@ -1539,7 +1615,30 @@ impl Core {
     /// Processes what other cores sent. Returns how many messages were taken.
     pub fn drain_inbound(&mut self) -> usize {
         let mut batch = std::mem::take(&mut self.inbound);
-        let n = self.mesh.drain(DRAIN_BATCH, &mut batch);
+        let always = self.persist.as_ref().is_some_and(|p| p.always);
+        let mut runs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+        let n = if always {
+            let mut r = Vec::new();
+            let n = self.mesh.drain_with_sources(DRAIN_BATCH, &mut batch, &mut r);
+            runs.extend(r);
+            n
+        } else {
+            self.mesh.drain(DRAIN_BATCH, &mut batch)
+        };
+        // fsync = "always": how many publishes came from each source, to confirm them once durable.
+        let mut publishes: SmallVec<[(usize, u64); 4]> = SmallVec::new();
+        if always {
+            let mut at = 0;
+            for &(src, count) in &runs {
+                let k = batch.get(at..at + count).map_or(0, |ms| {
+                    ms.iter().filter(|m| matches!(m, XMsg::Publish(_) | XMsg::SharedPublish { .. })).count()
+                });
+                at += count;
+                if k > 0 {
+                    publishes.push((src, k as u64));
+                }
+            }
+        }
         for m in batch.drain(..) {
             match m {
                 XMsg::Publish(msg) => {
@@ -1569,9 +1668,19 @@ impl Core {
                     self.shared_views.update(cores, core, &group, &filter, online, total);
                 }
                 XMsg::SharedPublish { msg, group } => self.deliver_shared(&group, &msg),
+                XMsg::Durable { core, upto } => {
+                    if let Some(p) = &mut self.persist {
+                        p.confirmed_by(core, upto);
+                    }
+                }
             }
         }
         self.inbound = batch;
+        if let Some(p) = &mut self.persist {
+            for (src, k) in publishes {
+                p.received_from(src, k);
+            }
+        }
         n
     }
 
@@ -1584,6 +1693,7 @@ impl Core {
     /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
     pub fn end_batch(&mut self) {
         self.release_held();
+        self.settle_durable();
         for ctl in self.dirty.drain(..) {
             ctl.dirty.set(false);
             ctl.wake.notify_one();

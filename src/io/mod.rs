@@ -372,3 +372,53 @@ fn count_writev() {
     #[cfg(test)]
     WRITEV_CALLS.with(|c| c.set(c.get() + 1));
 }
+
+/// An open file written by a core (the persistence log): positioned writes and `fdatasync`, through
+/// io_uring on the uring backend. On the epoll backend the blocking calls run on tokio's blocking pool,
+/// so the core's loop never waits for the disk.
+pub struct File {
+    io: FileIo,
+}
+
+enum FileIo {
+    Uring(tokio_uring::fs::File),
+    Epoll(std::sync::Arc<std::fs::File>),
+}
+
+impl File {
+    /// Adopts an open std file into the calling thread's runtime.
+    pub fn from_std(f: std::fs::File) -> io::Result<File> {
+        let io = match require_backend("File::from_std")? {
+            Backend::Uring => FileIo::Uring(tokio_uring::fs::File::from_std(f)),
+            Backend::Epoll => FileIo::Epoll(std::sync::Arc::new(f)),
+        };
+        Ok(File { io })
+    }
+
+    /// Writes all of `buf` at offset `pos`.
+    pub async fn write_all_at(&self, buf: Bytes, pos: u64) -> io::Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        match &self.io {
+            FileIo::Uring(f) => f.write_all_at(buf, pos).await.0,
+            FileIo::Epoll(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || std::os::unix::fs::FileExt::write_all_at(&*f, &buf, pos))
+                    .await
+                    .map_err(io::Error::other)?
+            }
+        }
+    }
+
+    /// Makes what was written durable (`fdatasync`).
+    pub async fn sync_data(&self) -> io::Result<()> {
+        match &self.io {
+            FileIo::Uring(f) => f.sync_data().await,
+            FileIo::Epoll(f) => {
+                let f = f.clone();
+                tokio::task::spawn_blocking(move || f.sync_data()).await.map_err(io::Error::other)?
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //! the keep-alive sweeper and the per-tick wake-up task. Sockets are reached only through `crate::io`.
 
 mod conn;
+pub mod persist;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -39,6 +40,8 @@ pub struct CoreCell {
     unblocked: Notify,
     /// This core's TLS configuration of each listener (`None` for plain ones), replaced on SIGHUP.
     tls: RefCell<Vec<Option<Arc<ServerConfig>>>>,
+    /// Wakes the persistence log task: records were appended.
+    log_wake: Notify,
 }
 
 /// What a SIGHUP hands each core: the password and ACL files and its own TLS configurations.
@@ -74,6 +77,8 @@ pub struct CoreSetup {
     pub tls: Vec<Option<Arc<ServerConfig>>>,
     /// New password, ACL and TLS files after a SIGHUP; the sweeper applies them.
     pub reload: Receiver<Reload>,
+    /// Persistence: this core's log and what was recovered for it.
+    pub store: Option<persist::CoreStore>,
 }
 
 /// Schedules the tick task if a cross-core wake-up is owed. The tick task runs after the tasks that are
@@ -89,6 +94,9 @@ fn schedule_tick(core: &CoreRef) {
 /// connections other cores handed over (whoever drained the ring found them).
 fn after_batch(core: &CoreRef) {
     schedule_tick(core);
+    if core.borrow().persist.as_ref().is_some_and(|p| p.has_output()) {
+        core.log_wake.notify_one();
+    }
     if core.borrow_mut().take_released() {
         core.unblocked.notify_waiters();
     }
@@ -215,12 +223,15 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
     }
 }
 
+/// How long shutdown waits for the persistence log to be written out.
+const LOG_FLUSH: Duration = Duration::from_secs(10);
+
 /// How long shutdown waits for v5 clients' DISCONNECT 0x8B to be written.
 const SHUTDOWN_FLUSH: Duration = Duration::from_millis(500);
 
 /// Runs one core until shutdown. Called inside `io::run` on the core's own thread.
 pub async fn run_core(setup: CoreSetup) {
-    let CoreSetup { id, settings, mesh, listeners, limits, ready, done, tls, reload } = setup;
+    let CoreSetup { id, settings, mesh, listeners, limits, ready, done, tls, reload, store } = setup;
     let mut bound = Vec::new();
     for lc in &listeners {
         match Listener::bind(lc.bind) {
@@ -238,7 +249,23 @@ pub async fn run_core(setup: CoreSetup) {
         tick_scheduled: Cell::new(false),
         unblocked: Notify::new(),
         tls: RefCell::new(tls),
+        log_wake: Notify::new(),
     });
+    if let Some(store) = store {
+        let persist::CoreStore { file, path, len, sessions, retained, last_sid, fsync, fsync_interval } =
+            store;
+        {
+            let mut c = core.borrow_mut();
+            c.enable_persistence(fsync == crate::config::FsyncPolicy::Always, last_sid);
+            c.restore(sessions, retained);
+            if let Some(p) = &mut c.persist {
+                // The file already holds this core's snapshot: compaction is measured from it.
+                p.snapshot_len = len;
+            }
+            c.end_batch();
+        }
+        io::spawn_local(persist::log_task(core.clone(), file, path, len, fsync, fsync_interval));
+    }
     for (index, (l, config)) in bound.into_iter().enumerate() {
         io::spawn_local(accept_loop(core.clone(), l, index, config, limits.clone()));
     }
@@ -255,6 +282,13 @@ pub async fn run_core(setup: CoreSetup) {
     }
     for c in &flushing {
         c.kick();
+    }
+    // What the log task has not written yet is written (and synced) before the thread ends.
+    let deadline = Instant::now() + LOG_FLUSH;
+    core.log_wake.notify_one();
+    while !core.borrow().log_settled() && Instant::now() < deadline {
+        core.log_wake.notify_one();
+        io::sleep(Duration::from_millis(5)).await;
     }
     let stats = core.borrow().stats.clone();
     let _ = done.send((id, stats));

@@ -131,6 +131,8 @@ enum Stage {
 
 #[derive(Debug)]
 struct Inflight {
+    /// The message's number in this session (see [`Change`]).
+    seq: u64,
     pkid: u16,
     stage: Stage,
     qos: QoS,
@@ -142,10 +144,33 @@ struct Inflight {
 
 #[derive(Debug)]
 struct Queued {
+    seq: u64,
     msg: Message,
     qos: QoS,
     retain: bool,
     sub_ids: SubIds,
+}
+
+/// One change of a session's message state, for persistence: a journal of these, replayed in order onto an
+/// empty session with [`Session::apply`], rebuilds its queue, in-flight window (packet ids, QoS 2 stages,
+/// resend order) and inbound QoS 2 ids exactly. Messages are numbered per session (`seq`) so that later
+/// changes can name them. QoS 0 messages sent at once are never journaled.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// A message joined the back of the queue.
+    Enqueued { seq: u64, msg: Message, qos: QoS, retain: bool, sub_ids: SubIds },
+    /// Queued message `seq` was sent with `pkid` and now waits for its acknowledgement (0: QoS 0, gone).
+    Sent { seq: u64, pkid: u16 },
+    /// PUBREC for `pkid`: only the packet id is kept, awaiting PUBCOMP.
+    Released { pkid: u16 },
+    /// The flow of `pkid` is complete (PUBACK, PUBCOMP, or a refusing PUBREC).
+    Completed { pkid: u16 },
+    /// Queued message `seq` expired before it was sent.
+    Dropped { seq: u64 },
+    /// An inbound QoS 2 packet id now awaits PUBREL.
+    InboundAdd { pkid: u16 },
+    /// PUBREL for an inbound QoS 2 packet id.
+    InboundDone { pkid: u16 },
 }
 
 /// What became of a message handed to [`Session::deliver`].
@@ -184,6 +209,10 @@ pub struct Session {
     pub dropped: u64,
     /// Queued messages that have an expiry: [`Session::expire`] has nothing to do while it is 0.
     expiring: usize,
+    /// The number of the next message handed to the session.
+    next_seq: u64,
+    /// Changes since the journal was last drained; `None` unless persistence asked for it.
+    journal: Option<Vec<Change>>,
 }
 
 impl Session {
@@ -200,6 +229,135 @@ impl Session {
             inbound_qos2: HashSet::new(),
             dropped: 0,
             expiring: 0,
+            next_seq: 0,
+            journal: None,
+        }
+    }
+
+    /// Starts recording [`Change`]s (persistence is on and the session outlives its connection).
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// Moves the changes recorded since the last call to `out`.
+    pub fn drain_journal(&mut self, out: &mut Vec<Change>) {
+        if let Some(j) = &mut self.journal {
+            out.append(j);
+        }
+    }
+
+    fn record(&mut self, c: impl FnOnce() -> Change) {
+        if let Some(j) = &mut self.journal {
+            j.push(c());
+        }
+    }
+
+    /// Replays one journaled change (recovery). Changes that name nothing that exists are ignored: a
+    /// journal cut short by a crash stays usable.
+    pub fn apply(&mut self, change: Change) {
+        match change {
+            Change::Enqueued { seq, msg, qos, retain, sub_ids } => {
+                self.next_seq = self.next_seq.max(seq + 1);
+                self.queued_bytes += msg.payload.len();
+                if msg.expires() {
+                    self.expiring += 1;
+                }
+                self.queue.push_back(Queued { seq, msg, qos, retain, sub_ids });
+            }
+            Change::Sent { seq, pkid } => {
+                let Some(i) = self.queue.iter().position(|q| q.seq == seq) else { return };
+                let Some(q) = self.queue.remove(i) else { return };
+                self.queued_bytes -= q.msg.payload.len();
+                if q.msg.expires() {
+                    self.expiring -= 1;
+                }
+                if pkid != 0 {
+                    let stage =
+                        if q.qos == QoS::AtLeastOnce { Stage::AwaitPubAck } else { Stage::AwaitPubRec };
+                    self.next_pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
+                    self.inflight.push_back(Inflight {
+                        seq,
+                        pkid,
+                        stage,
+                        qos: q.qos,
+                        retain: q.retain,
+                        msg: Some(q.msg),
+                        sub_ids: q.sub_ids,
+                    });
+                }
+            }
+            Change::Released { pkid } => {
+                if let Some(i) = self.position(pkid, Stage::AwaitPubRec) {
+                    if let Some(mut f) = self.inflight.remove(i) {
+                        f.stage = Stage::AwaitPubComp;
+                        f.msg = None;
+                        self.inflight.push_back(f);
+                    }
+                }
+            }
+            Change::Completed { pkid } => {
+                if let Some(i) = self.inflight.iter().position(|f| f.pkid == pkid) {
+                    self.inflight.remove(i);
+                }
+            }
+            Change::Dropped { seq } => {
+                if let Some(i) = self.queue.iter().position(|q| q.seq == seq) {
+                    if let Some(q) = self.queue.remove(i) {
+                        self.queued_bytes -= q.msg.payload.len();
+                        if q.msg.expires() {
+                            self.expiring -= 1;
+                        }
+                    }
+                }
+            }
+            Change::InboundAdd { pkid } => {
+                self.inbound_qos2.insert(pkid);
+            }
+            Change::InboundDone { pkid } => {
+                self.inbound_qos2.remove(&pkid);
+            }
+        }
+    }
+
+    /// The changes that rebuild this session's current message state from an empty one (compaction).
+    /// A flow awaiting PUBCOMP no longer has its message: it is rebuilt around an empty placeholder
+    /// (stamped `now`).
+    pub fn snapshot(&self, now: Instant, out: &mut Vec<Change>) {
+        for f in &self.inflight {
+            let msg = match &f.msg {
+                Some(m) => m.clone(),
+                None => Message {
+                    topic: Utf8Bytes::default(),
+                    payload: Bytes::new(),
+                    qos: f.qos,
+                    retain: false,
+                    received: now,
+                    props: None,
+                },
+            };
+            out.push(Change::Enqueued {
+                seq: f.seq,
+                msg,
+                qos: f.qos,
+                retain: f.retain,
+                sub_ids: f.sub_ids.clone(),
+            });
+            out.push(Change::Sent { seq: f.seq, pkid: f.pkid });
+            if f.stage == Stage::AwaitPubComp {
+                out.push(Change::Released { pkid: f.pkid });
+            }
+        }
+        for q in &self.queue {
+            out.push(Change::Enqueued {
+                seq: q.seq,
+                msg: q.msg.clone(),
+                qos: q.qos,
+                retain: q.retain,
+                sub_ids: q.sub_ids.clone(),
+            });
+        }
+        for &pkid in &self.inbound_qos2 {
+            out.push(Change::InboundAdd { pkid });
         }
     }
 
@@ -220,12 +378,25 @@ impl Session {
     ) -> Delivered {
         match out {
             Some(out) if self.queue.is_empty() && self.window_open(qos) => {
-                self.send(msg, qos, retain, sub_ids, out);
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                if qos != QoS::AtMostOnce {
+                    self.record(|| Change::Enqueued {
+                        seq,
+                        msg: msg.clone(),
+                        qos,
+                        retain,
+                        sub_ids: sub_ids.clone(),
+                    });
+                }
+                self.send(seq, msg, qos, retain, sub_ids, out);
                 Delivered::Sent
             }
             out => {
                 let online = out.is_some();
-                self.enqueue(Queued { msg, qos, retain, sub_ids }, online)
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.enqueue(Queued { seq, msg, qos, retain, sub_ids }, online)
             }
         }
     }
@@ -244,10 +415,14 @@ impl Session {
         }
         let before = self.queue.len();
         let mut bytes = 0;
+        let journal = &mut self.journal;
         self.queue.retain(|q| {
             let keep = !q.msg.expired(now);
             if !keep {
                 bytes += q.msg.payload.len();
+                if let Some(j) = journal {
+                    j.push(Change::Dropped { seq: q.seq });
+                }
             }
             keep
         });
@@ -294,16 +469,24 @@ impl Session {
         if q.msg.expires() {
             self.expiring += 1;
         }
+        self.record(|| Change::Enqueued {
+            seq: q.seq,
+            msg: q.msg.clone(),
+            qos: q.qos,
+            retain: q.retain,
+            sub_ids: q.sub_ids.clone(),
+        });
         self.queue.push_back(q);
         Delivered::Queued
     }
 
-    fn send(&mut self, msg: Message, qos: QoS, retain: bool, sub_ids: SubIds, out: &mut Outbox) {
+    fn send(&mut self, seq: u64, msg: Message, qos: QoS, retain: bool, sub_ids: SubIds, out: &mut Outbox) {
         if qos == QoS::AtMostOnce {
             out.push_back(OutFrame::Publish { msg, qos, pkid: 0, dup: false, retain, sub_ids });
             return;
         }
         let pkid = self.alloc_pkid();
+        self.record(|| Change::Sent { seq, pkid });
         let stage = if qos == QoS::AtLeastOnce { Stage::AwaitPubAck } else { Stage::AwaitPubRec };
         out.push_back(OutFrame::Publish {
             msg: msg.clone(),
@@ -313,7 +496,7 @@ impl Session {
             retain,
             sub_ids: sub_ids.clone(),
         });
-        self.inflight.push_back(Inflight { pkid, stage, qos, retain, msg: Some(msg), sub_ids });
+        self.inflight.push_back(Inflight { seq, pkid, stage, qos, retain, msg: Some(msg), sub_ids });
     }
 
     /// The next packet id not in flight. The window is capped at 65,535 (config validates
@@ -339,7 +522,10 @@ impl Session {
             if q.msg.expires() {
                 self.expiring -= 1;
             }
-            self.send(q.msg, q.qos, q.retain, q.sub_ids, out);
+            if q.qos == QoS::AtMostOnce {
+                self.record(|| Change::Sent { seq: q.seq, pkid: 0 });
+            }
+            self.send(q.seq, q.msg, q.qos, q.retain, q.sub_ids, out);
         }
     }
 
@@ -351,6 +537,7 @@ impl Session {
     pub fn on_puback(&mut self, pkid: u16, out: &mut Outbox) {
         if let Some(i) = self.position(pkid, Stage::AwaitPubAck) {
             self.inflight.remove(i);
+            self.record(|| Change::Completed { pkid });
             self.pump(out);
         }
     }
@@ -365,6 +552,7 @@ impl Session {
                 f.msg = None;
                 self.inflight.push_back(f);
             }
+            self.record(|| Change::Released { pkid });
             out.push_back(OutFrame::Control(Packet::PubRel(Ack::ok(pkid))));
         } else if self.position(pkid, Stage::AwaitPubComp).is_some() {
             // A PUBREC resent after our PUBREL got lost in a reconnect: PUBREL again.
@@ -377,6 +565,7 @@ impl Session {
     pub fn on_pubrec_refused(&mut self, pkid: u16, out: &mut Outbox) {
         if let Some(i) = self.position(pkid, Stage::AwaitPubRec) {
             self.inflight.remove(i);
+            self.record(|| Change::Completed { pkid });
             self.pump(out);
         }
     }
@@ -385,6 +574,7 @@ impl Session {
     pub fn on_pubcomp(&mut self, pkid: u16, out: &mut Outbox) {
         if let Some(i) = self.position(pkid, Stage::AwaitPubComp) {
             self.inflight.remove(i);
+            self.record(|| Change::Completed { pkid });
             self.pump(out);
         }
     }
@@ -400,7 +590,11 @@ impl Session {
     /// ends the flow at once, so the id is not kept and nothing is routed.
     pub fn on_inbound_qos2_reason(&mut self, pkid: u16, reason: u8, out: &mut Outbox) -> bool {
         out.push_back(OutFrame::Control(Packet::PubRec(Ack { pkid, reason })));
-        reason < 0x80 && self.inbound_qos2.insert(pkid)
+        let new = reason < 0x80 && self.inbound_qos2.insert(pkid);
+        if new {
+            self.record(|| Change::InboundAdd { pkid });
+        }
+        new
     }
 
     /// Whether an inbound QoS 2 packet id is awaiting PUBREL (a resend of it is not a new message).
@@ -417,11 +611,11 @@ impl Session {
     /// client retrying after a reconnect can finish its flow).
     pub fn on_pubrel(&mut self, pkid: u16, out: &mut Outbox) {
         // v5 names the unknown id in the answer (0x92); 3.1.1 has no reason code and it is not written.
-        let reason = if self.inbound_qos2.remove(&pkid) {
-            0
-        } else {
-            crate::protocol::reason::PACKET_IDENTIFIER_NOT_FOUND
-        };
+        let known = self.inbound_qos2.remove(&pkid);
+        if known {
+            self.record(|| Change::InboundDone { pkid });
+        }
+        let reason = if known { 0 } else { crate::protocol::reason::PACKET_IDENTIFIER_NOT_FOUND };
         out.push_back(OutFrame::Control(Packet::PubComp(Ack { pkid, reason })));
     }
 
@@ -463,3 +657,6 @@ impl Session {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod journal_tests;

@@ -225,6 +225,15 @@ impl<V> RetainedTree<V> {
     }
 
     /// Number of retained topics.
+    /// Calls `f` for every stored value, `$` topics included, in no particular order (snapshots).
+    pub fn for_each(&self, mut f: impl FnMut(&V)) {
+        for (_, node) in self.nodes.iter() {
+            if let Some(v) = &node.value {
+                f(v);
+            }
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }

@@ -44,6 +44,9 @@ pub enum XMsg {
     Shared { core: usize, group: Arc<str>, filter: Box<str>, online: u32, total: u32 },
     /// The publishing core picked the destination core to deliver `msg` to one member of `group`.
     SharedPublish { msg: Message, group: Arc<str> },
+    /// Persistence with `fsync = "always"`: the sending core's log is durable past everything the first
+    /// `upto` publishes (`Publish` and `SharedPublish`) from the destination core changed.
+    Durable { core: usize, upto: u64 },
 }
 
 /// A connection moving to its home core, with everything read from it so far.
@@ -274,6 +277,33 @@ impl Mesh {
             }
             if let Ok(chunk) = c.read_chunk(n) {
                 out.extend(chunk);
+            }
+            let s = &self.signals[src];
+            if s.blocked.load(Ordering::SeqCst) && s.blocked.swap(false, Ordering::SeqCst) {
+                s.room.notify_one();
+            }
+        }
+        out.len() - before
+    }
+
+    /// [`Mesh::drain`] that also says where each message came from: `runs` gets one `(source core, count)`
+    /// per source that had messages, in the order they were appended to `out`.
+    pub fn drain_with_sources(
+        &mut self,
+        max: usize,
+        out: &mut Vec<XMsg>,
+        runs: &mut Vec<(usize, usize)>,
+    ) -> usize {
+        let before = out.len();
+        for src in 0..self.consumers.len() {
+            let Some(c) = self.consumers[src].as_mut() else { continue };
+            let n = c.slots().min(max);
+            if n == 0 {
+                continue;
+            }
+            if let Ok(chunk) = c.read_chunk(n) {
+                out.extend(chunk);
+                runs.push((src, n));
             }
             let s = &self.signals[src];
             if s.blocked.load(Ordering::SeqCst) && s.blocked.swap(false, Ordering::SeqCst) {
