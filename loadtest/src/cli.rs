@@ -107,6 +107,10 @@ pub struct Args {
     /// Pin swarm threads round-robin to these cpus, e.g. "0-3,6".
     #[arg(long)]
     pub cpus: Option<String>,
+    /// Subscribers use persistent sessions (3.1.1 clean session = false; v5 session expiry 3600 s), so
+    /// that a broker with persistence logs every QoS 1/2 delivery.
+    #[arg(long)]
+    pub persistent: bool,
     /// MQTT version of every connection: 3.1.1 or 5.
     #[arg(long, default_value = "3.1.1")]
     pub mqtt: String,
@@ -148,6 +152,8 @@ pub struct Plan {
     pub tls: Option<Tls>,
     /// `--mqtt`: the protocol version of every connection.
     pub version: ProtocolVersion,
+    /// `--persistent`: subscribers keep their sessions.
+    pub persistent: bool,
     /// QoS of publishes and subscriptions.
     pub qos: QoS,
     /// Payload bytes per message.
@@ -310,6 +316,7 @@ impl Args {
             addr: format!("{}:{}", self.host, self.port),
             tls,
             version,
+            persistent: self.persistent,
             qos,
             payload: self.payload,
             rate,

@@ -91,9 +91,10 @@ impl Conn {
         tls: Option<&Tls>,
         version: ProtocolVersion,
         client_id: &str,
+        persistent: bool,
         limit: Duration,
     ) -> Result<Conn, String> {
-        match timeout(limit, Conn::connect_inner(addr, tls, version, client_id)).await {
+        match timeout(limit, Conn::connect_inner(addr, tls, version, client_id, persistent)).await {
             Ok(r) => r,
             Err(_) => Err(format!("timed out after {} s", limit.as_secs_f64())),
         }
@@ -104,6 +105,7 @@ impl Conn {
         tls: Option<&Tls>,
         version: ProtocolVersion,
         client_id: &str,
+        persistent: bool,
     ) -> Result<Conn, String> {
         let tcp = TcpStream::connect(addr).await.map_err(|e| io_text(&e))?;
         // Writes are already batched by the swarm; Nagle would only add latency to the tail.
@@ -125,15 +127,21 @@ impl Conn {
             wbuf: BytesMut::with_capacity(READ_CHUNK),
             version,
         };
+        // A persistent session (`--persistent`): clean session = false on 3.1.1, a session expiry of an
+        // hour on v5 (which also starts clean, so that each run measures a fresh session).
+        let mut properties = coremq::protocol::properties::Properties::default();
+        if persistent && version == ProtocolVersion::V5 {
+            properties.session_expiry_interval = Some(3600);
+        }
         let connect = Connect {
             protocol: version,
-            clean_session: true,
+            clean_session: !persistent || version == ProtocolVersion::V5,
             keep_alive: KEEP_ALIVE_SECS,
             client_id: Utf8Bytes::copy_from_str(client_id),
             will: None,
             username: None,
             password: None,
-            properties: Default::default(),
+            properties,
         };
         conn.queue(&Packet::Connect(Box::new(connect)));
         conn.flush().await.map_err(|e| io_text(&e))?;

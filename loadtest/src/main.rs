@@ -114,7 +114,8 @@ fn probe(plan: &Plan) -> Result<Option<String>, String> {
         .map_err(|e| format!("cannot start runtime: {e}"))?;
     rt.block_on(async {
         let id = format!("swarm-{}-probe-0", std::process::id());
-        let conn = Conn::connect(&plan.addr, plan.tls.as_ref(), plan.version, &id, CONNECT_TIMEOUT).await?;
+        let conn =
+            Conn::connect(&plan.addr, plan.tls.as_ref(), plan.version, &id, false, CONNECT_TIMEOUT).await?;
         let session = conn.tls_session();
         conn.close().await;
         Ok(session)

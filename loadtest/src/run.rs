@@ -349,6 +349,7 @@ async fn publisher(
         ctx.plan.tls.as_ref(),
         ctx.plan.version,
         &client_id,
+        false,
         ctx.connect_left(),
     )
     .await
@@ -520,6 +521,7 @@ async fn subscriber(
         ctx.plan.tls.as_ref(),
         ctx.plan.version,
         &client_id,
+        ctx.plan.persistent,
         ctx.connect_left(),
     )
     .await
@@ -661,6 +663,7 @@ async fn storm_conn(
         ctx.plan.tls.as_ref(),
         ctx.plan.version,
         &client_id,
+        false,
         ctx.connect_left(),
     )
     .await;

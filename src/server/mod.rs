@@ -25,6 +25,11 @@ use crate::xcore::{ConnLimits, Mesh, Signal};
 /// Set once by the main thread on SIGINT/SIGTERM; every core then stops.
 pub static SHUTDOWN: AtomicBool = AtomicBool::new(false);
 
+/// Whether the broker is stopping.
+fn shutting_down() -> bool {
+    SHUTDOWN.load(Ordering::SeqCst)
+}
+
 /// How often keep-alive and connect timeouts are checked. Expiry is therefore detected up to this much
 /// late, which the spec allows ("within one and a half times the keep alive period" is a lower bound).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::{after_batch, CoreRef, SHUTDOWN};
+use super::{after_batch, shutting_down, CoreRef};
 use crate::config::{FsyncPolicy, PersistenceConfig};
 use crate::core::{home_core, Persister};
 use crate::io;
@@ -236,10 +236,8 @@ pub async fn log_task(
         }
         let taken = core.borrow_mut().take_log_output();
         let Some((bytes, pos)) = taken else {
-            if unsynced
-                && (policy == FsyncPolicy::Interval || SHUTDOWN.load(std::sync::atomic::Ordering::SeqCst))
-            {
-                if last_sync.elapsed() >= interval || SHUTDOWN.load(std::sync::atomic::Ordering::SeqCst) {
+            if unsynced && (policy == FsyncPolicy::Interval || shutting_down()) {
+                if last_sync.elapsed() >= interval || shutting_down() {
                     let _ = file.sync_data().await;
                     unsynced = false;
                     last_sync = Instant::now();
