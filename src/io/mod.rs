@@ -161,6 +161,23 @@ impl Listener {
         }
     }
 
+    /// Stops listening now (`shutdown(2)` on the listening socket: Linux takes it out of the port's
+    /// `SO_REUSEPORT` group at once). Without this, on io_uring the socket lives until the ring is torn
+    /// down after the thread exits, because a pending accept still holds it, and a broker restarted at
+    /// once would share the port with it for a moment: connections the kernel gave the old socket would
+    /// be reset. Pending and later accepts fail.
+    pub fn close(&self) {
+        use std::os::fd::AsRawFd;
+        let fd = match &self.inner {
+            ListenerInner::Uring(l) => l.as_raw_fd(),
+            ListenerInner::Epoll(l) => l.as_raw_fd(),
+        };
+        // SAFETY: `fd` is the listening socket this value owns and keeps open; shutdown does not close it.
+        unsafe {
+            libc::shutdown(fd, libc::SHUT_RDWR);
+        }
+    }
+
     /// Waits for the next connection and sets `TCP_NODELAY` on it (MQTT packets are small and
     /// latency-bound; the broker batches writes itself). Cancel-safe in both backends: dropping
     /// the future (e.g. in `select!`) loses no connection.

@@ -53,6 +53,11 @@ impl Listener {
         Listener { inner: Rc::new(tokio_uring::net::TcpListener::from_std(l)), pending: RefCell::new(None) }
     }
 
+    /// The listening socket's fd.
+    pub(super) fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_raw_fd()
+    }
+
     /// The bound address.
     pub(super) fn local_addr(&self) -> io::Result<SocketAddr> {
         self.inner.local_addr()

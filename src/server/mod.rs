@@ -172,7 +172,7 @@ async fn sweeper(core: CoreRef, reload: Receiver<Reload>) {
 
 async fn accept_loop(
     core: CoreRef,
-    listener: Listener,
+    listener: Rc<Listener>,
     index: usize,
     config: ListenerConfig,
     limits: Arc<ConnLimits>,
@@ -192,6 +192,8 @@ async fn accept_loop(
                     permit,
                 ))
             }
+            // Shutdown closed the listener.
+            Err(_) if shutting_down() => return,
             Err(e) => {
                 // Out of file descriptors and similar: back off instead of spinning; never exit.
                 eprintln!("coremq: core {}: accept failed: {e}", core.borrow().id);
@@ -271,7 +273,10 @@ pub async fn run_core(setup: CoreSetup) {
         }
         io::spawn_local(persist::log_task(core.clone(), file, path, len, fsync, fsync_interval));
     }
+    let mut listening = Vec::new();
     for (index, (l, config)) in bound.into_iter().enumerate() {
+        let l = Rc::new(l);
+        listening.push(l.clone());
         io::spawn_local(accept_loop(core.clone(), l, index, config, limits.clone()));
     }
     io::spawn_local(sweeper(core.clone(), reload));
@@ -279,6 +284,10 @@ pub async fn run_core(setup: CoreSetup) {
     io::spawn_local(room_task(core.clone(), signals.clone(), id));
     let _ = ready.send(Ok(()));
     xcore_loop(core.clone(), signals, id).await;
+    // New connections go nowhere from now on (and a broker restarted at once gets them all).
+    for l in &listening {
+        l.close();
+    }
     let flushing = core.borrow_mut().close_all();
     // v5 clients were sent DISCONNECT 0x8B: give their writers a moment to flush it, then cut.
     let deadline = Instant::now() + SHUTDOWN_FLUSH;
