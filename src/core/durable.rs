@@ -213,11 +213,6 @@ impl Persister {
             }
         }
     }
-
-    /// Forgets the held acknowledgements of closed connections (their clients resend the PUBLISHes).
-    pub fn drop_closed(&mut self) {
-        self.pending.retain(|p| !p.ctl.is_closing());
-    }
 }
 
 impl super::Core {

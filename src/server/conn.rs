@@ -558,11 +558,13 @@ struct OutState {
     /// never have one. Once `alias_max` are assigned, other topics are sent in full.
     #[allow(clippy::box_collection)] // 8 bytes in every writer task instead of an empty map's 48
     aliases: Option<Box<std::collections::HashMap<Utf8Bytes, u16>>>,
+    /// Scratch for a v5 delivery's own properties, reused so that a delivery allocates nothing.
+    own: BytesMut,
 }
 
 impl OutState {
     fn new(version: ProtocolVersion, alias_max: u16) -> OutState {
-        OutState { version, alias_max, aliases: None }
+        OutState { version, alias_max, aliases: None, own: BytesMut::new() }
     }
 
     /// The alias for `topic`, and whether the topic name must be sent with it (first use).
@@ -599,7 +601,8 @@ fn encode_outbox(ob: &mut Outbox, st: &mut OutState, iov: &mut Vec<Bytes>, stamp
                 if st.version == ProtocolVersion::V5 =>
             {
                 // The per-subscriber properties; the forwarded ones follow as they are.
-                let mut own = BytesMut::new();
+                let mut own = std::mem::take(&mut st.own);
+                own.clear();
                 for id in sub_ids {
                     own.extend_from_slice(&[0x0B]);
                     protocol::properties::put_vbi(&mut own, id as usize);
@@ -630,6 +633,7 @@ fn encode_outbox(ob: &mut Outbox, st: &mut OutState, iov: &mut Vec<Bytes>, stamp
                     msg.payload.len(),
                     &mut head,
                 );
+                st.own = own;
                 if !msg.payload.is_empty() {
                     push_head(&mut head, iov);
                     iov.push(msg.payload);
