@@ -11,15 +11,16 @@
 use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use smallvec::SmallVec;
-use tokio::sync::Notify;
 
 use crate::auth::acl::Acl;
 use crate::auth::password::{PasswordFile, VerifyCache};
@@ -116,18 +117,25 @@ impl Held {
 
 /// The control block of one connection, shared by the core (which fills the outbox) and the
 /// connection's reader and writer tasks.
+///
+/// The wake-ups are a flag and a waker slot each rather than `tokio::sync::Notify`: one waiter at a time
+/// is all they ever have, and a waiting `Notify` future (64 bytes) would sit in every idle connection's
+/// writer task for the connection's whole life.
 pub struct ConnCtl {
     /// The socket, to shut it down on kick; `None` for a connection driven without one (fuzzing).
     socket: Option<Rc<Conn>>,
     pub outbox: RefCell<Outbox>,
-    /// Wakes the writer task: something was queued, or the connection is closing.
-    pub wake: Notify,
+    /// Something was queued, or the connection is closing, since the writer last looked.
+    woken: Cell<bool>,
+    /// The writer task, while it waits in [`ConnCtl::writer_wait`].
+    writer_waker: Cell<Option<Waker>>,
     closing: Cell<bool>,
     /// Already in the core's dirty list for this tick.
     dirty: Cell<bool>,
-    /// The writer has flushed what it could and stopped; `writer_done` wakes whoever waits for that.
+    /// The writer has flushed what it could and stopped.
     writer_finished: Cell<bool>,
-    pub writer_done: Notify,
+    /// Whoever waits in [`ConnCtl::writer_done`].
+    done_waker: Cell<Option<Waker>>,
 }
 
 impl ConnCtl {
@@ -135,11 +143,12 @@ impl ConnCtl {
         ConnCtl {
             socket,
             outbox: RefCell::new(Outbox::new()),
-            wake: Notify::new(),
+            woken: Cell::new(false),
+            writer_waker: Cell::new(None),
             closing: Cell::new(false),
             dirty: Cell::new(false),
             writer_finished: Cell::new(false),
-            writer_done: Notify::new(),
+            done_waker: Cell::new(None),
         }
     }
 
@@ -147,16 +156,49 @@ impl ConnCtl {
         self.closing.get()
     }
 
+    /// Wakes the writer task: something was queued, or the connection is closing. Not lost when the
+    /// writer is busy: its next [`ConnCtl::writer_wait`] returns at once.
+    pub fn wake_writer(&self) {
+        self.woken.set(true);
+        if let Some(w) = self.writer_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// The writer waits here for [`ConnCtl::wake_writer`] (one waiter: the connection's writer).
+    pub fn writer_wait(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.woken.replace(false) {
+                return Poll::Ready(());
+            }
+            self.writer_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+    }
+
     /// Asks the writer to flush what is queued and then close the socket.
     pub fn close(&self) {
         self.closing.set(true);
-        self.wake.notify_one();
+        self.wake_writer();
     }
 
     /// Called by the writer when it stops.
     pub fn set_writer_finished(&self) {
         self.writer_finished.set(true);
-        self.writer_done.notify_one();
+        if let Some(w) = self.done_waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Completes once the writer has stopped (one waiter: the connection's reader).
+    pub fn writer_done(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.writer_finished.get() {
+                return Poll::Ready(());
+            }
+            self.done_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
     }
 
     pub fn writer_finished(&self) -> bool {
@@ -1509,10 +1551,18 @@ impl Core {
             .filter(|(_, c)| c.timeout.is_some_and(|t| now.saturating_duration_since(c.last_seen) > t))
             .map(|(k, _)| k)
             .collect();
-        // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
         for c in self.conns.iter_mut().map(|(_, c)| c) {
+            // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
             if c.held.as_ref().is_some_and(|h| h.is_full()) {
                 c.last_seen = now;
+            }
+            // An outbox keeps the capacity of its busiest moment (a CONNACK alone leaves room for four
+            // 128-byte frames); give it back, so that an idle connection holds no outbox memory. A busy
+            // one pays one allocation per sweep for this.
+            if let Ok(mut ob) = c.ctl.outbox.try_borrow_mut() {
+                if ob.is_empty() && ob.capacity() > 0 {
+                    ob.shrink_to_fit();
+                }
             }
         }
         let quiet = self.closed_since_trim == self.closed_at_last_sweep;
@@ -1696,7 +1746,7 @@ impl Core {
         self.settle_durable();
         for ctl in self.dirty.drain(..) {
             ctl.dirty.set(false);
-            ctl.wake.notify_one();
+            ctl.wake_writer();
         }
         if !self.mesh.flush() {
             self.stats.ring_stalls += 1;

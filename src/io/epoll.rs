@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -21,18 +22,21 @@ pub(super) fn run<F: Future>(fut: F) -> io::Result<F::Output> {
     Ok(rt.block_on(local.run_until(fut)))
 }
 
-/// Reads into the spare capacity of `buf`, after its current contents.
-pub(super) async fn read(s: &TcpStream, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+/// Reads into the spare capacity of `buf`, after its current contents, once the socket is readable.
+/// A poll function rather than an `async fn`: waiting through `poll_read_ready` keeps no waiter node
+/// in the caller's future (see [`super::Conn::read`]).
+pub(super) fn poll_read(s: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
     loop {
-        if let Err(e) = s.readable().await {
-            return (Err(e), buf);
+        if let Err(e) = std::task::ready!(s.poll_read_ready(cx)) {
+            return Poll::Ready(Err(e));
         }
         // try_read_buf appends into the BytesMut's spare capacity and advances its length.
-        match s.try_read_buf(&mut buf) {
-            Ok(n) => return (Ok(n), buf),
-            // Readiness was stale (edge-triggered epoll, another reader, spurious wake-up).
+        match s.try_read_buf(buf) {
+            Ok(n) => return Poll::Ready(Ok(n)),
+            // Readiness was stale (edge-triggered epoll, spurious wake-up): poll_read_ready clears it
+            // after a WouldBlock, so the next call registers the waker again.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return (Err(e), buf),
+            Err(e) => return Poll::Ready(Err(e)),
         }
     }
 }

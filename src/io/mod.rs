@@ -214,9 +214,11 @@ impl Listener {
 pub struct Conn {
     io: ConnIo,
     peer: Option<SocketAddr>,
-    /// Set when an io_uring operation's future was dropped before completion: the kernel still
-    /// owns that operation (tokio-uring does not cancel on drop), so it may still consume data.
-    abandoned: Cell<bool>,
+    /// io_uring operations started and not seen completing. Counted, not guarded: an operation whose
+    /// future is dropped before completion (tokio-uring does not cancel it, so the kernel may still
+    /// consume data for it) leaves the count above 0 for good, and [`Conn::into_std`] refuses the
+    /// hand-off. A counter costs the pending read's future nothing, where a drop guard would sit in it.
+    in_flight: Cell<u32>,
 }
 
 enum ConnIo {
@@ -224,34 +226,9 @@ enum ConnIo {
     Epoll(tokio::net::TcpStream),
 }
 
-/// Marks the connection as having an abandoned operation unless [`InFlight::done`] is called,
-/// i.e. when the future owning it is dropped while the operation is still with the kernel.
-struct InFlight<'a> {
-    abandoned: &'a Cell<bool>,
-    armed: bool,
-}
-
-impl<'a> InFlight<'a> {
-    fn start(abandoned: &'a Cell<bool>) -> Self {
-        InFlight { abandoned, armed: true }
-    }
-
-    fn done(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.abandoned.set(true);
-        }
-    }
-}
-
 impl Conn {
     fn new(io: ConnIo, peer: Option<SocketAddr>) -> Conn {
-        Conn { io, peer, abandoned: Cell::new(false) }
+        Conn { io, peer, in_flight: Cell::new(0) }
     }
 
     /// Reads into the spare capacity of `buf`, appending after `buf.len()`, and returns how many
@@ -260,18 +237,27 @@ impl Conn {
     ///
     /// The caller should leave spare capacity; if it does not, 4 KiB are reserved here, because
     /// a zero-length read would look like EOF.
-    pub async fn read(&self, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    ///
+    /// One async layer over the backend's own operation (not an `async fn` calling another): an idle
+    /// connection waits in this future for its whole life, and every nested layer would add its own
+    /// copy of the arguments to the connection's memory.
+    pub fn read(&self, mut buf: BytesMut) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
         if buf.len() == buf.capacity() {
             buf.reserve(MIN_READ_SPARE);
         }
-        match &self.io {
-            ConnIo::Uring(s) => {
-                let op = InFlight::start(&self.abandoned);
-                let out = uring::read(s, buf).await;
-                op.done();
-                out
+        async move {
+            match &self.io {
+                ConnIo::Uring(s) => {
+                    self.in_flight.set(self.in_flight.get() + 1);
+                    let out = uring::read(s, buf).await;
+                    self.in_flight.set(self.in_flight.get() - 1);
+                    out
+                }
+                ConnIo::Epoll(s) => {
+                    let res = std::future::poll_fn(|cx| epoll::poll_read(s, &mut buf, cx)).await;
+                    (res, buf)
+                }
             }
-            ConnIo::Epoll(s) => epoll::read(s, buf).await,
         }
     }
 
@@ -281,9 +267,9 @@ impl Conn {
     pub async fn write_all_vectored(&self, bufs: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
         match &self.io {
             ConnIo::Uring(s) => {
-                let op = InFlight::start(&self.abandoned);
+                self.in_flight.set(self.in_flight.get() + 1);
                 let out = uring::write_all_vectored(s, bufs).await;
-                op.done();
+                self.in_flight.set(self.in_flight.get() - 1);
                 out
             }
             ConnIo::Epoll(s) => epoll::write_all_vectored(s, bufs).await,
@@ -315,7 +301,7 @@ impl Conn {
     /// future dropped before completion) the kernel may still consume data for it, so the
     /// hand-off is refused: the connection is then shut down and closed, and an error returned.
     pub fn into_std(self) -> io::Result<std::net::TcpStream> {
-        if self.abandoned.get() {
+        if self.in_flight.get() > 0 {
             self.shutdown();
             return Err(io::Error::other(
                 "connection has an abandoned in-flight operation; it cannot be handed off",

@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 
 use bytes::{Bytes, BytesMut};
-use tokio_uring::buf::BoundedBuf;
+use tokio_uring::buf::{BoundedBuf, Slice};
 
 use super::{consume, count_writev, probe, write_zero, MAX_IOVECS};
 
@@ -112,13 +112,45 @@ impl Drop for ParkOnDrop<'_> {
 }
 
 /// Reads into the spare capacity of `buf`, after its current contents.
-pub(super) async fn read(s: &tokio_uring::net::TcpStream, buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+///
+/// A plain function returning tokio-uring's future mapped, not an `async fn`: see [`super::Conn::read`].
+pub(super) fn read(
+    s: &tokio_uring::net::TcpStream,
+    buf: BytesMut,
+) -> impl Future<Output = (io::Result<usize>, BytesMut)> + '_ {
     // A bare BytesMut would be read into from its start (tokio-uring reads at stable_mut_ptr
     // with length bytes_total), overwriting what the caller already holds; a slice beginning at
     // len() appends, and its completion sets the length to len() + n.
     let start = buf.len();
-    let (res, slice) = s.read(buf.slice(start..)).await;
-    (res, slice.into_inner())
+    Map {
+        fut: s.read(buf.slice(start..)),
+        f: Some(|(res, slice): (io::Result<usize>, Slice<BytesMut>)| (res, slice.into_inner())),
+    }
+}
+
+/// `fut` with `f` applied to its output, without an `async` layer of its own.
+struct Map<Fut, F> {
+    fut: Fut,
+    f: Option<F>,
+}
+
+impl<Fut: Future, F: FnOnce(Fut::Output) -> T, T> Future for Map<Fut, F> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        // SAFETY: `fut` is structurally pinned: it is never moved out of `self` (only polled in place
+        // and dropped with it); `f` is not pinned and only taken by value, which does not move `fut`.
+        let this = unsafe { self.get_unchecked_mut() };
+        let fut = unsafe { Pin::new_unchecked(&mut this.fut) };
+        match fut.poll(cx) {
+            std::task::Poll::Ready(out) => match this.f.take() {
+                Some(f) => std::task::Poll::Ready(f(out)),
+                // Polled again after completion: a caller bug; the future stays pending forever.
+                None => std::task::Poll::Pending,
+            },
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
 }
 
 /// Writes all of `bufs` with io_uring writev, at most [`MAX_IOVECS`] buffers per operation.

@@ -21,7 +21,7 @@ use crate::xcore::{ConnPermit, Handoff, XMsg};
 /// First read buffer of a connection. Small, because an io_uring read holds its buffer while the
 /// connection is idle (a typical CONNECT fits); it doubles when a read fills it, up to
 /// [`READ_BUF_MAX`].
-const READ_BUF_INITIAL: usize = 256;
+const READ_BUF_INITIAL: usize = 128;
 const READ_BUF_MAX: usize = 64 * 1024;
 /// How long a closing connection's writer may take to flush before the socket is shut down anyway.
 const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -32,7 +32,7 @@ const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
 const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535) + 2 * 65_536;
 
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
-const MIN_SPARE: usize = 256;
+const MIN_SPARE: usize = 128;
 
 /// Ciphertext read per socket read on a TLS connection: it starts small, because a pending read holds
 /// its buffer while the connection is idle, and doubles when a read fills it, up to one whole TLS
@@ -69,9 +69,19 @@ async fn read_plain(
     conn: &Conn,
     tls: Option<&TlsConn>,
     ctl: &ConnCtl,
-    mut buf: BytesMut,
+    buf: BytesMut,
 ) -> (std::io::Result<usize>, BytesMut) {
     let Some(tls) = tls else { return conn.read(buf).await };
+    read_tls(conn, tls, ctl, buf).await
+}
+
+/// Reads plaintext from a TLS connection: reads ciphertext until rustls has some plaintext.
+async fn read_tls(
+    conn: &Conn,
+    tls: &TlsConn,
+    ctl: &ConnCtl,
+    mut buf: BytesMut,
+) -> (std::io::Result<usize>, BytesMut) {
     loop {
         match tls::read_plaintext(&mut tls.session.borrow_mut(), &mut buf) {
             Ok(Some(n)) => return (Ok(n), buf),
@@ -90,7 +100,7 @@ async fn read_plain(
             let mut s = tls.session.borrow_mut();
             let fed = tls::feed(&mut s, &cipher);
             if s.wants_write() {
-                ctl.wake.notify_one();
+                ctl.wake_writer();
             }
             fed
         };
@@ -295,8 +305,10 @@ pub async fn serve_new(
     }
 }
 
-/// A connection handed over by another core, with its CONNECT already read and checked.
-pub async fn serve_handoff(core: CoreRef, h: Handoff) {
+/// A connection handed over by another core, with its CONNECT already read and checked: adopts the
+/// socket and spawns the connection's task (not awaited here, so that the hand-off's state is not kept
+/// for the connection's life).
+pub fn serve_handoff(core: CoreRef, h: Handoff) {
     let Handoff { stream, connect, assigned, buffered: buf, permit, tls } = h;
     let tls = tls.map(|s| Rc::new(TlsConn::new(*s)));
     let adopted = match io::current_backend() {
@@ -312,7 +324,15 @@ pub async fn serve_handoff(core: CoreRef, h: Handoff) {
     };
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register_handoff(ctl.clone());
-    established(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit).await
+    io::spawn_local(established(
+        core,
+        key,
+        ctl,
+        Link { conn, tls },
+        Hello { connect, assigned },
+        buf,
+        permit,
+    ));
 }
 
 /// How a connection that never got a session is turned away.
@@ -388,164 +408,215 @@ struct Link {
 }
 
 /// Serves a connection whose session is on this core until it ends.
-async fn established(
+///
+/// A function returning an `async move` block rather than an `async fn`: an `async fn` keeps its
+/// arguments twice in its state (as passed and as bound), and this future is what an idle connection
+/// costs for its whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn established(
     core: CoreRef,
     key: usize,
     ctl: Rc<ConnCtl>,
     link: Link,
     hello: Hello,
     mut buf: BytesMut,
-    // Held, not read: dropping it at the end releases this connection's place in max_connections.
-    _permit: ConnPermit,
-) {
-    let Link { conn, tls } = link;
-    let Hello { mut connect, assigned } = hello;
-    // The CONNECT's strings are slices of the first read buffer; the session keeps them for its whole
-    // life, so give them their own small allocations instead of pinning that buffer.
-    connect.detach();
-    let version = connect.protocol;
-    // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
-    let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
-    let max_packet = {
-        let mut c = core.borrow_mut();
-        c.connect(key, *connect, assigned);
-        c.end_batch();
-        c.settings().max_packet_size
-    };
-    schedule_tick(&core);
-    let out = OutState::new(version, aliases);
-    io::spawn_local(writer(core.clone(), ctl.clone(), conn.clone(), out, tls.clone()));
-    let mut want = READ_BUF_INITIAL;
-    let graceful = loop {
-        // Decode and handle every complete packet in the buffer, in one borrow of the core.
-        let flow = {
+    permit: ConnPermit,
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        // In a block with no await: the CONNECT (about 1 KB with its v5 properties) and its box are freed
+        // here, not kept in this task's state for the connection's whole life.
+        let (version, aliases, max_packet) = {
+            let Hello { connect, assigned } = hello;
+            let mut connect = *connect;
+            // The CONNECT's strings are slices of the first read buffer; the session keeps them for its
+            // whole life, so give them their own small allocations instead of pinning that buffer.
+            connect.detach();
+            let version = connect.protocol;
+            // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
+            let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
             let mut c = core.borrow_mut();
-            // Subscriptions and retained messages other cores sent before this data arrived must be
-            // visible to it ("subscribe takes effect at once"), so take them first; usually a no-op.
-            c.drain_inbound();
-            let now = Instant::now();
-            let mut flow = Flow::Continue;
-            while flow == Flow::Continue && !ctl.is_closing() {
-                match protocol::decode(&mut buf, version, max_packet) {
-                    Ok(Some(p)) => flow = c.handle(key, p, now),
-                    Ok(None) => break,
-                    Err(e @ DecodeError::PacketTooLarge { .. }) => {
-                        flow = Flow::Close(e.reason_code(), "packet too large")
+            c.connect(key, connect, assigned);
+            c.end_batch();
+            (version, aliases, c.settings().max_packet_size)
+        };
+        schedule_tick(&core);
+        let out = OutState::new(version, aliases);
+        io::spawn_local(writer(core.clone(), ctl.clone(), link.conn.clone(), out, link.tls.clone()));
+        let mut want = READ_BUF_INITIAL;
+        let graceful = loop {
+            // Decode and handle every complete packet in the buffer, in one borrow of the core.
+            let flow = {
+                let mut c = core.borrow_mut();
+                // Subscriptions and retained messages other cores sent before this data arrived must be
+                // visible to it ("subscribe takes effect at once"), so take them first; usually a no-op.
+                c.drain_inbound();
+                let now = Instant::now();
+                let mut flow = Flow::Continue;
+                while flow == Flow::Continue && !ctl.is_closing() {
+                    match protocol::decode(&mut buf, version, max_packet) {
+                        Ok(Some(p)) => flow = c.handle(key, p, now),
+                        Ok(None) => break,
+                        Err(e @ DecodeError::PacketTooLarge { .. }) => {
+                            flow = Flow::Close(e.reason_code(), "packet too large")
+                        }
+                        Err(e @ DecodeError::Protocol(_)) => {
+                            flow = Flow::Close(e.reason_code(), "protocol error")
+                        }
+                        Err(e) => flow = Flow::Close(e.reason_code(), "malformed packet"),
                     }
-                    Err(e @ DecodeError::Protocol(_)) => {
-                        flow = Flow::Close(e.reason_code(), "protocol error")
-                    }
-                    Err(e) => flow = Flow::Close(e.reason_code(), "malformed packet"),
+                }
+                if let Flow::Close(code, why) = flow {
+                    // v5: tell the client why before closing (MQTT-4.13.1-1).
+                    c.send_disconnect(key, code, why);
+                }
+                c.end_batch();
+                flow
+            };
+            after_batch(&core);
+            match flow {
+                Flow::Continue => {}
+                Flow::Disconnect { will: false } => break true,
+                Flow::Disconnect { will: true } => break false,
+                Flow::Close(_, why) => {
+                    core.borrow_mut().stats.count_closed(why);
+                    break false;
                 }
             }
-            if let Flow::Close(code, why) = flow {
-                // v5: tell the client why before closing (MQTT-4.13.1-1).
-                c.send_disconnect(key, code, why);
-            }
-            c.end_batch();
-            flow
-        };
-        after_batch(&core);
-        match flow {
-            Flow::Continue => {}
-            Flow::Disconnect { will: false } => break true,
-            Flow::Disconnect { will: true } => break false,
-            Flow::Close(_, why) => {
-                core.borrow_mut().stats.count_closed(why);
+            if ctl.is_closing() {
                 break false;
             }
-        }
-        if ctl.is_closing() {
-            break false;
-        }
-        wait_unblocked(&core, key, &ctl).await;
-        prepare_read(&mut buf, want, max_packet);
-        let spare = buf.capacity() - buf.len();
-        let (res, b) = read_plain(&conn, tls.as_deref(), &ctl, buf).await;
-        buf = b;
-        let n = match res {
-            Ok(n) if n > 0 && !ctl.is_closing() => n,
-            _ => break false,
+            wait_unblocked(&core, key, &ctl).await;
+            prepare_read(&mut buf, want, max_packet);
+            let spare = buf.capacity() - buf.len();
+            // The plain read is awaited here directly and a TLS one boxed: an idle connection waits in this
+            // future, and a nested `async fn` would carry both paths and extra copies of their arguments.
+            let (res, b) = match link.tls.as_deref() {
+                None => link.conn.read(buf).await,
+                Some(t) => Box::pin(read_tls(&link.conn, t, &ctl, buf)).await,
+            };
+            buf = b;
+            let n = match res {
+                Ok(n) if n > 0 && !ctl.is_closing() => n,
+                _ => break false,
+            };
+            // A read that filled the buffer means more is waiting: read bigger next time.
+            if n == spare && want < READ_BUF_MAX {
+                want *= 2;
+            }
+            core.borrow_mut().touch(key, Instant::now());
         };
-        // A read that filled the buffer means more is waiting: read bigger next time.
-        if n == spare && want < READ_BUF_MAX {
-            want *= 2;
+        {
+            let mut c = core.borrow_mut();
+            c.conn_closed(key, &ctl, graceful);
+            c.end_batch();
         }
-        core.borrow_mut().touch(key, Instant::now());
-    };
-    {
-        let mut c = core.borrow_mut();
-        c.conn_closed(key, &ctl, graceful);
-        c.end_batch();
+        schedule_tick(&core);
+        ctl.close();
+        // Let the writer flush what is queued (e.g. the CONNACK that preceded a protocol error), but not
+        // forever: a peer that does not read must not keep the socket. Shutting down ends a stuck write.
+        if !ctl.writer_finished() {
+            // Boxed: a timer is large, and inline it would enlarge every idle connection's task.
+            let _ = Box::pin(tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done())).await;
+        }
+        link.conn.shutdown();
+        // Held until here, not read: dropping it releases this connection's place in max_connections.
+        drop(permit);
     }
-    schedule_tick(&core);
-    ctl.close();
-    // Let the writer flush what is queued (e.g. the CONNACK that preceded a protocol error), but not
-    // forever: a peer that does not read must not keep the socket. Shutting down ends a stuck write.
-    if !ctl.writer_finished() {
-        // Boxed: a timer is large, and inline it would enlarge every idle connection's task.
-        let _ = Box::pin(tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done.notified())).await;
-    }
-    conn.shutdown();
 }
 
 /// Writes the connection's outbox: everything queued since the last write goes out in one vectored
 /// write, so a busy connection costs one syscall (or one ring submission) per loop tick, not per packet.
-async fn writer(
+///
+/// An `async move` block for the reason given at [`established`].
+#[allow(clippy::manual_async_fn)] // on purpose: see established
+fn writer(
     core: CoreRef,
     ctl: Rc<ConnCtl>,
     conn: Rc<Conn>,
     mut out: OutState,
     tls: Option<Rc<TlsConn>>,
-) {
-    let mut iov: Vec<Bytes> = Vec::new();
-    let mut stamps: Vec<Instant> = Vec::new();
-    loop {
-        encode_outbox(&mut ctl.outbox.borrow_mut(), &mut out, &mut iov, &mut stamps);
-        if let Some(t) = &tls {
-            let mut s = t.session.borrow_mut();
-            if ctl.is_closing() && iov.is_empty() {
-                s.send_close_notify();
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let mut iov: Vec<Bytes> = Vec::new();
+        let mut stamps: Vec<Instant> = Vec::new();
+        loop {
+            if iov.capacity() == 0 && !ctl.outbox.borrow().is_empty() {
+                (iov, stamps) = SPARE_LISTS.with_borrow_mut(|l| l.pop()).unwrap_or_default();
             }
-            // Also sends what the reader's side of the session produced (alerts, key updates).
-            match tls::encrypt(&mut s, &iov) {
-                Ok(records) => {
-                    iov.clear();
-                    iov.extend(records);
+            encode_outbox(&mut ctl.outbox.borrow_mut(), &mut out, &mut iov, &mut stamps);
+            if let Some(t) = &tls {
+                let mut s = t.session.borrow_mut();
+                if ctl.is_closing() && iov.is_empty() {
+                    s.send_close_notify();
                 }
-                Err(_) => {
-                    ctl.kick();
+                // Also sends what the reader's side of the session produced (alerts, key updates).
+                match tls::encrypt(&mut s, &iov) {
+                    Ok(records) => {
+                        iov.clear();
+                        iov.extend(records);
+                    }
+                    Err(_) => {
+                        ctl.kick();
+                        break;
+                    }
+                }
+            }
+            if iov.is_empty() {
+                if ctl.is_closing() {
                     break;
                 }
+                give_back_lists(&mut iov, &mut stamps);
+                ctl.writer_wait().await;
+                continue;
             }
-        }
-        if iov.is_empty() {
-            if ctl.is_closing() {
+            // Boxed: the write future is a few hundred bytes that an idle connection would otherwise carry
+            // in its writer task forever; one allocation per write batch is cheaper than that memory.
+            let (res, v) = Box::pin(conn.write_all_vectored(std::mem::take(&mut iov))).await;
+            iov = v;
+            iov.clear();
+            if res.is_err() {
+                ctl.kick();
                 break;
             }
-            ctl.wake.notified().await;
-            continue;
-        }
-        // Boxed: the write future is a few hundred bytes that an idle connection would otherwise carry
-        // in its writer task forever; one allocation per write batch is cheaper than that memory.
-        let (res, v) = Box::pin(conn.write_all_vectored(std::mem::take(&mut iov))).await;
-        iov = v;
-        iov.clear();
-        if res.is_err() {
-            ctl.kick();
-            break;
-        }
-        if !stamps.is_empty() {
-            let now = Instant::now();
-            let mut c = core.borrow_mut();
-            c.stats.msgs_out += stamps.len() as u64;
-            for s in stamps.drain(..) {
-                c.stats.record_latency(now.saturating_duration_since(s));
+            if !stamps.is_empty() {
+                let now = Instant::now();
+                let mut c = core.borrow_mut();
+                c.stats.msgs_out += stamps.len() as u64;
+                for s in stamps.drain(..) {
+                    c.stats.record_latency(now.saturating_duration_since(s));
+                }
             }
         }
+        ctl.set_writer_finished();
+        conn.shutdown();
     }
-    ctl.set_writer_finished();
-    conn.shutdown();
+}
+
+thread_local! {
+    /// Write lists (iovecs, and the receive times of the messages in them) that no writer on this core
+    /// is using: a writer takes a pair for a batch and gives it back before it waits, so an idle
+    /// connection holds none and a busy one allocates none.
+    static SPARE_LISTS: RefCell<Vec<(Vec<Bytes>, Vec<Instant>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// At most this many pairs wait in [`SPARE_LISTS`]; lists longer than [`SPARE_LIST_MAX`] entries (a
+/// burst) are freed rather than kept.
+const SPARE_LISTS_MAX: usize = 256;
+const SPARE_LIST_MAX: usize = 1024;
+
+/// Returns a writer's (empty) lists to [`SPARE_LISTS`], or frees them.
+fn give_back_lists(iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
+    let mut pair = (std::mem::take(iov), std::mem::take(stamps));
+    pair.0.clear();
+    pair.1.clear();
+    if pair.0.capacity() == 0 || pair.0.capacity() > SPARE_LIST_MAX || pair.1.capacity() > SPARE_LIST_MAX {
+        return;
+    }
+    SPARE_LISTS.with_borrow_mut(|l| {
+        if l.len() < SPARE_LISTS_MAX {
+            l.push(pair);
+        }
+    });
 }
 
 /// What the writer of one connection keeps between batches: the protocol layout, and (v5) the topic

@@ -107,7 +107,7 @@ fn after_batch(core: &CoreRef) {
     }
     let handoffs = std::mem::take(&mut core.borrow_mut().handoffs);
     for h in handoffs {
-        io::spawn_local(conn::serve_handoff(core.clone(), h));
+        conn::serve_handoff(core.clone(), h);
     }
 }
 

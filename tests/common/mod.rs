@@ -294,6 +294,7 @@ impl Broker {
         let out = std::fs::File::create(dir.join("stdout")).expect("stdout file");
         let err = std::fs::File::create(dir.join("stderr")).expect("stderr file");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let is_mosquitto = cmd.get_program().to_string_lossy().contains("mosquitto");
         let child = cmd.spawn().map_err(|e| format!("spawn {cmd:?}: {e}"))?;
         let mut b = Broker { child: Some(child), port, dir };
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -307,7 +308,11 @@ impl Broker {
                     b.read_output("stderr")
                 ));
             }
-            if StdTcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            // coremq prints its "listening on" line once every core has bound its listener and started
+            // its tasks; the port alone answers as soon as the first core listens, and a test that
+            // takes a baseline of the process (descriptors, memory) then would miss the other cores'.
+            let all_cores_up = is_mosquitto || b.read_output("stderr").contains("coremq: listening on");
+            if all_cores_up && StdTcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
                 return Ok(b);
             }
             if Instant::now() > deadline {
