@@ -442,6 +442,11 @@ fn established(
         schedule_tick(&core);
         let out = OutState::new(version, aliases);
         io::spawn_local(writer(core.clone(), ctl.clone(), link.conn.clone(), out, link.tls.clone()));
+        if buf.is_empty() {
+            // Decoding the CONNECT made the first buffer shared (a 40-byte header beside it); nothing
+            // refers to it any more, so the next read gets a plain buffer instead.
+            buf = BytesMut::new();
+        }
         let mut want = READ_BUF_INITIAL;
         let graceful = loop {
             // Decode and handle every complete packet in the buffer, in one borrow of the core.
