@@ -28,6 +28,8 @@ pub struct Stats {
     pub held: u64,
     /// PUBLISHes, subscriptions and wills the ACL refused.
     pub denied: u64,
+    /// Times a quiet connection stopped reading and waited for its socket in the idle set.
+    pub parks: u64,
     /// Connections refused before a session, by reason (the CONNACK code's meaning, or why none was sent).
     pub refused: BTreeMap<&'static str, u64>,
     /// Established connections the broker closed, by reason (protocol errors, keep-alive, takeover).
@@ -51,6 +53,7 @@ impl Stats {
             ring_stalls: 0,
             held: 0,
             denied: 0,
+            parks: 0,
             refused: BTreeMap::new(),
             closed: BTreeMap::new(),
             // 3 significant figures over 1 µs .. 60 s: ~100 KB per core, allocated once.
@@ -83,6 +86,7 @@ impl Stats {
         self.ring_stalls += other.ring_stalls;
         self.held += other.held;
         self.denied += other.denied;
+        self.parks += other.parks;
         for (k, v) in &other.refused {
             *self.refused.entry(k).or_default() += v;
         }
@@ -98,14 +102,15 @@ impl Stats {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}, held {}, denied {}",
+            "{label}: connections {}, messages in {}, messages out {}, dropped {}, ring stalls {}, held {}, denied {}, idle parks {}",
             self.connections,
             self.msgs_in,
             self.msgs_out,
             self.dropped,
             self.ring_stalls,
             self.held,
-            self.denied
+            self.denied,
+            self.parks
         );
         let _ = writeln!(
             s,
@@ -140,12 +145,13 @@ mod tests {
         let mut b = Stats::new();
         b.msgs_out = 5;
         b.dropped = 1;
+        b.parks = 4;
         b.record_latency(Duration::from_micros(1000));
         a.merge(&b);
         let r = a.render("all");
         assert!(
             r.starts_with(
-                "all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0, held 0, denied 0\n"
+                "all: connections 2, messages in 3, messages out 5, dropped 1, ring stalls 0, held 0, denied 0, idle parks 4\n"
             ),
             "{r}"
         );

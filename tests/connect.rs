@@ -23,6 +23,7 @@ backend_tests!(
     oversized_packet_closes_connection,
     connack_precedes_close_when_violation_shares_the_write,
     non_connect_first_byte_closed_at_once,
+    quiet_connections_park_and_are_served_again,
 );
 
 async fn v311_accepted(b: Backend) {
@@ -226,4 +227,41 @@ async fn non_connect_first_byte_closed_at_once(b: Backend) {
     let started = Instant::now();
     assert!(r.expect_closed(WAIT).await.is_empty(), "nothing is answered");
     assert!(started.elapsed() < Duration::from_secs(1), "closed at once, not after connect_timeout");
+}
+
+/// A connection that says nothing for a while stops reading: it parks in its core's idle set with no
+/// pending read (and, once its outbox is empty, no writer task). It must still get what is published to
+/// it at once, be read at once when it talks again, and answer pings; the broker counts the parks. Two
+/// cores (the default broker of the tests), so that the publisher and the subscriber may live on
+/// different ones.
+async fn quiet_connections_park_and_are_served_again(b: Backend) {
+    let broker = Broker::start(b);
+    let (mut sub, _) = Raw::connect(broker.port, "park-sub", true).await;
+    assert_eq!(sub.subscribe(1, &[("park/#", 1)]).await, vec![1]);
+    let (mut publ, _) = Raw::connect(broker.port, "park-pub", true).await;
+    for round in 0..3u8 {
+        // Quiet for longer than the park threshold (1 s) on both connections.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        let pkid = 10 + u16::from(round);
+        publ.send(&raw::publish("park/t", 1, false, false, pkid, &[round; 10])).await;
+        assert_eq!(publ.recv().await, Pkt::PubAck(pkid));
+        let m = sub.recv_publish().await;
+        assert_eq!((m.topic.as_str(), m.qos, &m.payload[..]), ("park/t", 1, &[round; 10][..]));
+        sub.send(&raw::puback(m.pkid)).await;
+        // A QoS 0 delivery to the parked subscriber, then a ping from it.
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        publ.send(&raw::publish("park/q0", 0, false, false, 0, b"zero")).await;
+        let m = sub.recv_publish().await;
+        assert_eq!((m.topic.as_str(), &m.payload[..]), ("park/q0", &b"zero"[..]));
+        sub.send(&raw::pingreq()).await;
+        assert_eq!(sub.recv().await, Pkt::PingResp);
+    }
+    if common::use_mosquitto() {
+        return;
+    }
+    let st = broker.stop();
+    let all = st.stdout.lines().find(|l| l.starts_with("all:")).expect("no all: line").to_string();
+    let parks = common::stat_value(&all, "idle parks").unwrap_or_else(|| panic!("no idle parks in {all:?}"));
+    // Each connection parks after CONNECT and after each quiet spell that ended with it talking.
+    assert!(parks >= 8, "expected at least 8 parks: {all}");
 }

@@ -522,9 +522,11 @@ impl Core {
     }
 
     /// Something arrived on the connection: keep-alive restarts.
-    pub fn touch(&mut self, key: usize, now: Instant) {
-        if let Some(c) = self.conns.get_mut(key) {
-            c.last_seen = now;
+    /// Records that `key` sent something at `now`, and returns how long it had been silent before.
+    pub fn touch(&mut self, key: usize, now: Instant) -> Duration {
+        match self.conns.get_mut(key) {
+            Some(c) => now.saturating_duration_since(std::mem::replace(&mut c.last_seen, now)),
+            None => Duration::ZERO,
         }
     }
 

@@ -11,6 +11,7 @@
 //! plain `std::net::TcpStream` ([`Conn::into_std`] / [`Conn::from_std`]).
 
 mod epoll;
+mod idle;
 mod probe;
 mod uring;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 
+pub use idle::IdleSet;
 pub use probe::probe_uring;
 
 /// Most iovecs handed to one `writev` (Linux `IOV_MAX`); longer lists are written in several calls.
@@ -219,6 +221,8 @@ pub struct Conn {
     /// consume data for it) leaves the count above 0 for good, and [`Conn::into_std`] refuses the
     /// hand-off. A counter costs the pending read's future nothing, where a drop guard would sit in it.
     in_flight: Cell<u32>,
+    /// The socket is in this core's [`IdleSet`] (armed or spent): re-arming modifies its entry.
+    idle_known: Cell<bool>,
 }
 
 enum ConnIo {
@@ -228,7 +232,7 @@ enum ConnIo {
 
 impl Conn {
     fn new(io: ConnIo, peer: Option<SocketAddr>) -> Conn {
-        Conn { io, peer, in_flight: Cell::new(0) }
+        Conn { io, peer, in_flight: Cell::new(0), idle_known: Cell::new(false) }
     }
 
     /// Reads into the spare capacity of `buf`, appending after `buf.len()`, and returns how many

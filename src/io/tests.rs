@@ -485,3 +485,53 @@ fn misuse_is_reported_not_panicked() {
         assert_eq!(current_backend(), None);
     }
 }
+
+#[test]
+fn idle_set_reports_data_once_per_arm_and_our_own_shutdown() {
+    for b in backends() {
+        run_bounded(b, async move {
+            let l = Listener::bind(localhost()).unwrap();
+            let addr = l.local_addr().unwrap();
+            let (go_tx, go_rx) = mpsc::channel::<()>();
+            let peer = std::thread::spawn(move || {
+                let mut s = client(addr);
+                go_rx.recv().unwrap();
+                s.write_all(b"ping").unwrap();
+                // Then wait for the server's shutdown.
+                let mut one = [0u8; 1];
+                assert_eq!(s.read(&mut one).unwrap(), 0);
+            });
+            let (conn, _) = l.accept().await.unwrap();
+            let idle = IdleSet::new().unwrap();
+            let mut tokens = Vec::new();
+            let quiet = Duration::from_millis(100);
+
+            // Nothing to read: no token.
+            idle.arm(&conn, 7).unwrap();
+            assert!(tokio::time::timeout(quiet, idle.wait(&mut tokens)).await.is_err(), "{tokens:?}");
+            // Data arrives: the token comes back, and the data is still there to read.
+            go_tx.send(()).unwrap();
+            tokio::time::timeout(LIMIT, idle.wait(&mut tokens)).await.unwrap().unwrap();
+            assert_eq!(tokens, [7]);
+            tokens.clear();
+            // One-shot: not reported again until armed again, although the data is still unread.
+            assert!(tokio::time::timeout(quiet, idle.wait(&mut tokens)).await.is_err(), "{tokens:?}");
+            // Armed again while readable: reported at once, with the new token.
+            idle.arm(&conn, 8).unwrap();
+            tokio::time::timeout(LIMIT, idle.wait(&mut tokens)).await.unwrap().unwrap();
+            assert_eq!(tokens, [8]);
+            tokens.clear();
+            let (res, buf) = conn.read(BytesMut::with_capacity(16)).await;
+            assert_eq!(res.unwrap(), 4);
+            assert_eq!(&buf[..], b"ping");
+            // Drained and armed: a shutdown by the broker itself wakes it (that is how a parked
+            // connection learns it was kicked).
+            idle.arm(&conn, 9).unwrap();
+            assert!(tokio::time::timeout(quiet, idle.wait(&mut tokens)).await.is_err(), "{tokens:?}");
+            conn.shutdown();
+            tokio::time::timeout(LIMIT, idle.wait(&mut tokens)).await.unwrap().unwrap();
+            assert_eq!(tokens, [9]);
+            tokio::task::spawn_blocking(move || peer.join().unwrap()).await.unwrap();
+        });
+    }
+}

@@ -277,10 +277,9 @@ pub async fn serve_new(
     };
     let home = home_core(connect.client_id.as_str(), cores);
     if home == me {
-        // A task of its own, so that this handshake's future (and its larger state) is freed now
-        // rather than held for the connection's whole life.
-        let link = Link { conn, tls };
-        io::spawn_local(established(core, key, ctl, link, Hello { connect, assigned }, buf, permit));
+        // The connection's own tasks take over, so that this handshake's future (and its larger state)
+        // is freed now rather than held for the connection's whole life.
+        start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
         return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
@@ -306,8 +305,7 @@ pub async fn serve_new(
 }
 
 /// A connection handed over by another core, with its CONNECT already read and checked: adopts the
-/// socket and spawns the connection's task (not awaited here, so that the hand-off's state is not kept
-/// for the connection's life).
+/// socket and starts the connection's tasks.
 pub fn serve_handoff(core: CoreRef, h: Handoff) {
     let Handoff { stream, connect, assigned, buffered: buf, permit, tls } = h;
     let tls = tls.map(|s| Rc::new(TlsConn::new(*s)));
@@ -324,15 +322,7 @@ pub fn serve_handoff(core: CoreRef, h: Handoff) {
     };
     let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
     let key = core.borrow_mut().register_handoff(ctl.clone());
-    io::spawn_local(established(
-        core,
-        key,
-        ctl,
-        Link { conn, tls },
-        Hello { connect, assigned },
-        buf,
-        permit,
-    ));
+    start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
 }
 
 /// How a connection that never got a session is turned away.
@@ -407,13 +397,14 @@ struct Link {
     tls: Option<Rc<TlsConn>>,
 }
 
-/// Serves a connection whose session is on this core until it ends.
-///
-/// A function returning an `async move` block rather than an `async fn`: an `async fn` keeps its
-/// arguments twice in its state (as passed and as bound), and this future is what an idle connection
-/// costs for its whole life.
-#[allow(clippy::manual_async_fn)] // on purpose: see above
-fn established(
+/// A connection that was silent for this long before its last read stops reading after it: it parks
+/// (see [`park`]) instead of keeping a read in flight. A connection that talks more often never parks,
+/// so a busy one pays nothing; one that parks pays an `epoll_ctl` and a task start per wake-up.
+const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Attaches a connection whose session is on this core and starts its two tasks: the writer, and the
+/// reader, which serves it until it ends.
+fn start(
     core: CoreRef,
     key: usize,
     ctl: Rc<ConnCtl>,
@@ -421,32 +412,102 @@ fn established(
     hello: Hello,
     mut buf: BytesMut,
     permit: ConnPermit,
+) {
+    // The CONNECT (about 1 KB with its v5 properties) is consumed here, before any task starts: no
+    // task state keeps it for the connection's whole life.
+    let (version, aliases, max_packet) = {
+        let Hello { connect, assigned } = hello;
+        let mut connect = *connect;
+        // The CONNECT's strings are slices of the first read buffer; the session keeps them for its
+        // whole life, so give them their own small allocations instead of pinning that buffer.
+        connect.detach();
+        let version = connect.protocol;
+        // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
+        let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
+        let mut c = core.borrow_mut();
+        c.connect(key, connect, assigned);
+        c.end_batch();
+        (version, aliases, c.settings().max_packet_size)
+    };
+    schedule_tick(&core);
+    let out = OutState::new(version, aliases);
+    io::spawn_local(writer(core.clone(), ctl.clone(), link.conn.clone(), out, link.tls.clone()));
+    if buf.is_empty() {
+        // Decoding the CONNECT made the first buffer shared (a 40-byte header beside it); nothing
+        // refers to it any more, so the next read gets a plain buffer instead.
+        buf = BytesMut::new();
+    }
+    let reader = Reader { key, ctl, link, version, max_packet, permit };
+    // Quiet from the start: a client that says nothing after CONNECT parks at once.
+    io::spawn_local(reading(core, reader, buf, true));
+}
+
+/// The reading side of an established connection: what its reading task needs, and all a parked
+/// connection keeps of it.
+pub(super) struct Reader {
+    key: usize,
+    ctl: Rc<ConnCtl>,
+    link: Link,
+    version: ProtocolVersion,
+    max_packet: usize,
+    /// Held, not read: dropping it releases this connection's place in max_connections.
+    #[allow(dead_code)] // held for its Drop
+    permit: ConnPermit,
+}
+
+/// Stops reading a quiet connection: its socket joins the core's idle set and this task's state is
+/// kept in the core's parked list until [`unpark`] starts a new reading task. Gives the reader back
+/// when the connection cannot park (no idle set, or arming failed): it then keeps reading.
+fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
+    let Some(idle) = core.idle.as_ref() else { return Err(r) };
+    let mut parked = core.parked.borrow_mut();
+    let entry = parked.vacant_entry();
+    let gen = core.park_gen.get().wrapping_add(1);
+    core.park_gen.set(gen);
+    let token = (u64::from(gen) << 32) | entry.key() as u64;
+    if idle.arm(&r.link.conn, token).is_err() {
+        return Err(r);
+    }
+    entry.insert((gen, r));
+    drop(parked);
+    core.borrow_mut().stats.parks += 1;
+    Ok(())
+}
+
+/// The socket of a parked connection became readable (data, end of stream, or the broker shut it down
+/// to close it): start its reading task again. Tokens of parks that are over are ignored.
+pub(super) fn unpark(core: &CoreRef, token: u64) {
+    let (index, gen) = ((token & 0xffff_ffff) as usize, (token >> 32) as u32);
+    let reader = {
+        let mut parked = core.parked.borrow_mut();
+        if !parked.get(index).is_some_and(|(g, _)| *g == gen) {
+            return;
+        }
+        let (_, r) = parked.remove(index);
+        if parked.is_empty() {
+            // After a storm of idle connections, give the list's memory back.
+            parked.shrink_to_fit();
+        }
+        r
+    };
+    io::spawn_local(reading(core.clone(), reader, BytesMut::new(), false));
+}
+
+/// Serves a connection's incoming side until it ends or parks: decodes and handles what `buf` holds,
+/// then reads on. `quiet`: the connection was silent for [`PARK_AFTER`] before its last read, so it
+/// parks once it has nothing left to decode.
+///
+/// A function returning an `async move` block rather than an `async fn`: an `async fn` keeps its
+/// arguments twice in its state (as passed and as bound), and this future is what a connection that
+/// talks costs while it waits.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+fn reading(
+    core: CoreRef,
+    mut r: Reader,
+    mut buf: BytesMut,
+    mut quiet: bool,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        // In a block with no await: the CONNECT (about 1 KB with its v5 properties) and its box are freed
-        // here, not kept in this task's state for the connection's whole life.
-        let (version, aliases, max_packet) = {
-            let Hello { connect, assigned } = hello;
-            let mut connect = *connect;
-            // The CONNECT's strings are slices of the first read buffer; the session keeps them for its
-            // whole life, so give them their own small allocations instead of pinning that buffer.
-            connect.detach();
-            let version = connect.protocol;
-            // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
-            let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
-            let mut c = core.borrow_mut();
-            c.connect(key, connect, assigned);
-            c.end_batch();
-            (version, aliases, c.settings().max_packet_size)
-        };
-        schedule_tick(&core);
-        let out = OutState::new(version, aliases);
-        io::spawn_local(writer(core.clone(), ctl.clone(), link.conn.clone(), out, link.tls.clone()));
-        if buf.is_empty() {
-            // Decoding the CONNECT made the first buffer shared (a 40-byte header beside it); nothing
-            // refers to it any more, so the next read gets a plain buffer instead.
-            buf = BytesMut::new();
-        }
         let mut want = READ_BUF_INITIAL;
         let graceful = loop {
             // Decode and handle every complete packet in the buffer, in one borrow of the core.
@@ -457,9 +518,9 @@ fn established(
                 c.drain_inbound();
                 let now = Instant::now();
                 let mut flow = Flow::Continue;
-                while flow == Flow::Continue && !ctl.is_closing() {
-                    match protocol::decode(&mut buf, version, max_packet) {
-                        Ok(Some(p)) => flow = c.handle(key, p, now),
+                while flow == Flow::Continue && !r.ctl.is_closing() {
+                    match protocol::decode(&mut buf, r.version, r.max_packet) {
+                        Ok(Some(p)) => flow = c.handle(r.key, p, now),
                         Ok(None) => break,
                         Err(e @ DecodeError::PacketTooLarge { .. }) => {
                             flow = Flow::Close(e.reason_code(), "packet too large")
@@ -472,7 +533,7 @@ fn established(
                 }
                 if let Flow::Close(code, why) = flow {
                     // v5: tell the client why before closing (MQTT-4.13.1-1).
-                    c.send_disconnect(key, code, why);
+                    c.send_disconnect(r.key, code, why);
                 }
                 c.end_batch();
                 flow
@@ -487,53 +548,60 @@ fn established(
                     break false;
                 }
             }
-            if ctl.is_closing() {
+            if r.ctl.is_closing() {
                 break false;
             }
-            wait_unblocked(&core, key, &ctl).await;
-            prepare_read(&mut buf, want, max_packet);
+            wait_unblocked(&core, r.key, &r.ctl).await;
+            // TLS connections never park: rustls may hold plaintext the socket no longer signals.
+            if quiet && buf.is_empty() && r.link.tls.is_none() && !r.ctl.is_closing() {
+                match park(&core, r) {
+                    Ok(()) => return,
+                    Err(back) => r = back,
+                }
+            }
+            prepare_read(&mut buf, want, r.max_packet);
             let spare = buf.capacity() - buf.len();
-            // The plain read is awaited here directly and a TLS one boxed: an idle connection waits in this
+            // The plain read is awaited here directly and a TLS one boxed: a connection waits in this
             // future, and a nested `async fn` would carry both paths and extra copies of their arguments.
-            let (res, b) = match link.tls.as_deref() {
-                None => link.conn.read(buf).await,
-                Some(t) => Box::pin(read_tls(&link.conn, t, &ctl, buf)).await,
+            let (res, b) = match r.link.tls.as_deref() {
+                None => r.link.conn.read(buf).await,
+                Some(t) => Box::pin(read_tls(&r.link.conn, t, &r.ctl, buf)).await,
             };
             buf = b;
             let n = match res {
-                Ok(n) if n > 0 && !ctl.is_closing() => n,
+                Ok(n) if n > 0 && !r.ctl.is_closing() => n,
                 _ => break false,
             };
             // A read that filled the buffer means more is waiting: read bigger next time.
             if n == spare && want < READ_BUF_MAX {
                 want *= 2;
             }
-            core.borrow_mut().touch(key, Instant::now());
+            quiet = core.borrow_mut().touch(r.key, Instant::now()) >= PARK_AFTER;
         };
         {
             let mut c = core.borrow_mut();
-            c.conn_closed(key, &ctl, graceful);
+            c.conn_closed(r.key, &r.ctl, graceful);
             c.end_batch();
         }
         schedule_tick(&core);
-        ctl.close();
+        r.ctl.close();
         // Let the writer flush what is queued (e.g. the CONNACK that preceded a protocol error), but not
         // forever: a peer that does not read must not keep the socket. Shutting down ends a stuck write.
-        if !ctl.writer_finished() {
-            // Boxed: a timer is large, and inline it would enlarge every idle connection's task.
-            let _ = Box::pin(tokio::time::timeout(FLUSH_ON_CLOSE, ctl.writer_done())).await;
+        if !r.ctl.writer_finished() {
+            // Boxed: a timer is large, and inline it would enlarge every connection's reading task.
+            let _ = Box::pin(tokio::time::timeout(FLUSH_ON_CLOSE, r.ctl.writer_done())).await;
         }
-        link.conn.shutdown();
-        // Held until here, not read: dropping it releases this connection's place in max_connections.
-        drop(permit);
+        r.link.conn.shutdown();
+        // Dropping the reader releases the connection's place in max_connections.
+        drop(r);
     }
 }
 
 /// Writes the connection's outbox: everything queued since the last write goes out in one vectored
 /// write, so a busy connection costs one syscall (or one ring submission) per loop tick, not per packet.
 ///
-/// An `async move` block for the reason given at [`established`].
-#[allow(clippy::manual_async_fn)] // on purpose: see established
+/// An `async move` block for the reason given at [`reading`].
+#[allow(clippy::manual_async_fn)] // on purpose: see reading
 fn writer(
     core: CoreRef,
     ctl: Rc<ConnCtl>,

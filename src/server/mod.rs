@@ -47,6 +47,13 @@ pub struct CoreCell {
     tls: RefCell<Vec<Option<Arc<ServerConfig>>>>,
     /// Wakes the persistence log task: records were appended.
     log_wake: Notify,
+    /// Quiet plain-TCP connections wait here for their socket to become readable, with no reading
+    /// task and no pending read (`None` if the set could not be created: they then keep reading).
+    idle: Option<io::IdleSet>,
+    /// The reading side of each connection in `idle`, by token (see [`conn::park`]).
+    parked: RefCell<slab::Slab<(u32, conn::Reader)>>,
+    /// Generation of the next park, so that a token names one park of one connection.
+    park_gen: Cell<u32>,
 }
 
 /// What a SIGHUP hands each core: the password and ACL files and its own TLS configurations.
@@ -132,6 +139,22 @@ async fn wait_unblocked(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>) {
             break;
         }
         n.await;
+    }
+}
+
+/// Starts a reading task again for each parked connection whose socket became readable.
+async fn unpark_task(core: CoreRef) {
+    let Some(idle) = core.idle.as_ref() else { return };
+    let mut tokens = Vec::new();
+    loop {
+        if let Err(e) = idle.wait(&mut tokens).await {
+            // Not expected from a valid epoll descriptor; back off rather than spin.
+            eprintln!("coremq: core {}: waiting for idle connections failed: {e}", core.borrow().id);
+            io::sleep(Duration::from_millis(100)).await;
+        }
+        for token in tokens.drain(..) {
+            conn::unpark(&core, token);
+        }
     }
 }
 
@@ -257,6 +280,13 @@ pub async fn run_core(setup: CoreSetup) {
         unblocked: Notify::new(),
         tls: RefCell::new(tls),
         log_wake: Notify::new(),
+        idle: io::IdleSet::new()
+            .map_err(|e| {
+                eprintln!("coremq: core {id}: idle set unavailable, idle connections keep reading: {e}")
+            })
+            .ok(),
+        parked: RefCell::new(slab::Slab::new()),
+        park_gen: Cell::new(0),
     });
     if let Some(store) = store {
         let persist::CoreStore { file, path, len, sessions, retained, last_sid, fsync, fsync_interval } =
@@ -282,6 +312,7 @@ pub async fn run_core(setup: CoreSetup) {
     io::spawn_local(sweeper(core.clone(), reload));
     io::spawn_local(tick_task(core.clone()));
     io::spawn_local(room_task(core.clone(), signals.clone(), id));
+    io::spawn_local(unpark_task(core.clone()));
     let _ = ready.send(Ok(()));
     xcore_loop(core.clone(), signals, id).await;
     // New connections go nowhere from now on (and a broker restarted at once gets them all).
