@@ -136,6 +136,33 @@ pub struct ConnCtl {
     writer_finished: Cell<bool>,
     /// Whoever waits in [`ConnCtl::writer_done`].
     done_waker: Cell<Option<Waker>>,
+    /// While the reader is parked (a quiet connection waiting for its socket without a pending read):
+    /// the token it is parked under; 0 otherwise.
+    parked: Cell<u64>,
+    /// The writer task ended because the reader is parked and nothing was queued
+    /// ([`ConnCtl::retire_writer`]); a wake-up asks for a new one ([`writers_wanted`]).
+    writer_gone: Cell<bool>,
+}
+
+thread_local! {
+    /// Park tokens of connections whose retired writer must start again (someone woke it), and the task
+    /// that starts writers, waiting in [`writers_wanted`].
+    static WRITERS_WANTED: RefCell<(Vec<u64>, Option<Waker>)> = const { RefCell::new((Vec::new(), None)) };
+}
+
+/// Completes once some retired writers were woken, and moves their connections' park tokens to `out`.
+/// A token may be stale (the connection was unparked since): the caller checks it.
+pub fn writers_wanted(out: &mut Vec<u64>) -> impl Future<Output = ()> + '_ {
+    std::future::poll_fn(move |cx| {
+        WRITERS_WANTED.with_borrow_mut(|(tokens, waker)| {
+            if tokens.is_empty() {
+                *waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            out.append(tokens);
+            Poll::Ready(())
+        })
+    })
 }
 
 impl ConnCtl {
@@ -149,6 +176,8 @@ impl ConnCtl {
             dirty: Cell::new(false),
             writer_finished: Cell::new(false),
             done_waker: Cell::new(None),
+            parked: Cell::new(0),
+            writer_gone: Cell::new(false),
         }
     }
 
@@ -158,11 +187,49 @@ impl ConnCtl {
 
     /// Wakes the writer task: something was queued, or the connection is closing. Not lost when the
     /// writer is busy: its next [`ConnCtl::writer_wait`] returns at once.
+    ///
+    /// A retired writer (see [`ConnCtl::retire_writer`]) is asked for again on the first wake-up since
+    /// it retired: later ones find `woken` already set.
     pub fn wake_writer(&self) {
-        self.woken.set(true);
+        let was_woken = self.woken.replace(true);
         if let Some(w) = self.writer_waker.take() {
             w.wake();
+        } else if self.writer_gone.get() && !was_woken {
+            let token = self.parked.get();
+            WRITERS_WANTED.with_borrow_mut(|(tokens, waker)| {
+                tokens.push(token);
+                if let Some(w) = waker.take() {
+                    w.wake();
+                }
+            });
         }
+    }
+
+    /// The reader parked under `token` (0: it is reading again). Parking wakes the writer, so that it
+    /// can retire if it has nothing to write.
+    pub fn set_parked(&self, token: u64) {
+        self.parked.set(token);
+        if token != 0 {
+            self.wake_writer();
+        }
+    }
+
+    /// The writer has nothing to write: if the reader is parked and the connection is not closing, the
+    /// writer may end its task (true) instead of waiting; the next wake-up asks for a new one. Called
+    /// by the writer just before it would wait.
+    pub fn retire_writer(&self) -> bool {
+        if self.parked.get() == 0 || self.closing.get() || !self.outbox.borrow().is_empty() {
+            return false;
+        }
+        self.writer_gone.set(true);
+        // Whatever woke it was handled: the next wake-up must ask for a writer.
+        self.woken.set(false);
+        true
+    }
+
+    /// Whether the writer had retired; a caller that gets `true` must start a new writer task.
+    pub fn take_writer_gone(&self) -> bool {
+        self.writer_gone.replace(false)
     }
 
     /// The writer waits here for [`ConnCtl::wake_writer`] (one waiter: the connection's writer).

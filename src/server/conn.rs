@@ -430,14 +430,13 @@ fn start(
         (version, aliases, c.settings().max_packet_size)
     };
     schedule_tick(&core);
-    let out = OutState::new(version, aliases);
-    io::spawn_local(writer(core.clone(), ctl.clone(), link.conn.clone(), out, link.tls.clone()));
     if buf.is_empty() {
         // Decoding the CONNECT made the first buffer shared (a 40-byte header beside it); nothing
         // refers to it any more, so the next read gets a plain buffer instead.
         buf = BytesMut::new();
     }
-    let reader = Reader { key, ctl, link, version, max_packet, permit };
+    let reader = Reader { key, ctl, link, version, alias_max: aliases, max_packet, permit };
+    spawn_writer(&core, &reader);
     // Quiet from the start: a client that says nothing after CONNECT parks at once.
     io::spawn_local(reading(core, reader, buf, true));
 }
@@ -449,14 +448,25 @@ pub(super) struct Reader {
     ctl: Rc<ConnCtl>,
     link: Link,
     version: ProtocolVersion,
+    /// The client's Topic Alias Maximum (v5), for the writer.
+    alias_max: u16,
     max_packet: usize,
     /// Held, not read: dropping it releases this connection's place in max_connections.
     #[allow(dead_code)] // held for its Drop
     permit: ConnPermit,
 }
 
+/// Starts the connection's writer task. A new writer starts with no topic aliases assigned: sending
+/// a topic name with an alias again just maps it anew, which v5 allows.
+fn spawn_writer(core: &CoreRef, r: &Reader) {
+    let out = OutState::new(r.version, r.alias_max);
+    io::spawn_local(writer(core.clone(), r.ctl.clone(), r.link.conn.clone(), out, r.link.tls.clone()));
+}
+
 /// Stops reading a quiet connection: its socket joins the core's idle set and this task's state is
-/// kept in the core's parked list until [`unpark`] starts a new reading task. Gives the reader back
+/// kept in the core's parked list until [`unpark`] starts a new reading task. Its writer ends too once
+/// its outbox is empty ([`ConnCtl::retire_writer`]), and [`start_writer`] starts one again when
+/// something is queued, so an idle connection has no task at all. Gives the reader back
 /// when the connection cannot park (no idle set, or arming failed): it then keeps reading.
 fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
     let Some(idle) = core.idle.as_ref() else { return Err(r) };
@@ -468,9 +478,12 @@ fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
     if idle.arm(&r.link.conn, token).is_err() {
         return Err(r);
     }
+    let ctl = r.ctl.clone();
     entry.insert((gen, r));
     drop(parked);
     core.borrow_mut().stats.parks += 1;
+    // Its writer retires too once it has nothing to write.
+    ctl.set_parked(token);
     Ok(())
 }
 
@@ -490,7 +503,23 @@ pub(super) fn unpark(core: &CoreRef, token: u64) {
         }
         r
     };
+    reader.ctl.set_parked(0);
+    if reader.ctl.take_writer_gone() {
+        spawn_writer(core, &reader);
+    }
     io::spawn_local(reading(core.clone(), reader, BytesMut::new(), false));
+}
+
+/// Something was queued for a parked connection whose writer retired: start a writer again (the reader
+/// stays parked). Tokens of parks that are over are ignored: unparking started the writer then.
+pub(super) fn start_writer(core: &CoreRef, token: u64) {
+    let (index, gen) = ((token & 0xffff_ffff) as usize, (token >> 32) as u32);
+    let parked = core.parked.borrow();
+    if let Some((g, r)) = parked.get(index) {
+        if *g == gen && r.ctl.take_writer_gone() {
+            spawn_writer(core, r);
+        }
+    }
 }
 
 /// Serves a connection's incoming side until it ends or parks: decodes and handles what `buf` holds,
@@ -639,6 +668,10 @@ fn writer(
                     break;
                 }
                 give_back_lists(&mut iov, &mut stamps);
+                if ctl.retire_writer() {
+                    // The reader is parked and nothing is queued: end this task (see `park`).
+                    return;
+                }
                 ctl.writer_wait().await;
                 continue;
             }

@@ -142,17 +142,27 @@ async fn wait_unblocked(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>) {
     }
 }
 
-/// Starts a reading task again for each parked connection whose socket became readable.
+/// Starts a reading task again for each parked connection whose socket became readable, and a writer
+/// task for each parked connection something was queued for.
 async fn unpark_task(core: CoreRef) {
     let Some(idle) = core.idle.as_ref() else { return };
-    let mut tokens = Vec::new();
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
     loop {
-        if let Err(e) = idle.wait(&mut tokens).await {
-            // Not expected from a valid epoll descriptor; back off rather than spin.
-            eprintln!("coremq: core {}: waiting for idle connections failed: {e}", core.borrow().id);
-            io::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            r = idle.wait(&mut readable) => {
+                if let Err(e) = r {
+                    // Not expected from a valid epoll descriptor; back off rather than spin.
+                    eprintln!("coremq: core {}: waiting for idle connections failed: {e}", core.borrow().id);
+                    io::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            () = crate::core::writers_wanted(&mut writable) => {}
         }
-        for token in tokens.drain(..) {
+        for token in writable.drain(..) {
+            conn::start_writer(&core, token);
+        }
+        for token in readable.drain(..) {
             conn::unpark(&core, token);
         }
     }
