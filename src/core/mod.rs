@@ -218,9 +218,12 @@ impl ConnCtl {
     /// writer may end its task (true) instead of waiting; the next wake-up asks for a new one. Called
     /// by the writer just before it would wait.
     pub fn retire_writer(&self) -> bool {
-        if self.parked.get() == 0 || self.closing.get() || !self.outbox.borrow().is_empty() {
+        let mut ob = self.outbox.borrow_mut();
+        if self.parked.get() == 0 || self.closing.get() || !ob.is_empty() {
             return false;
         }
+        // An idle connection keeps no outbox allocation (its CONNACK's, typically) until the next sweep.
+        ob.shrink_to_fit();
         self.writer_gone.set(true);
         // Whatever woke it was handled: the next wake-up must ask for a writer.
         self.woken.set(false);
