@@ -330,7 +330,8 @@ struct SessionEntry {
     /// When the client went offline (for expiry).
     offline_since: Option<Instant>,
     /// A v5 will waiting for its Will Delay Interval, and when it is due.
-    pending_will: Option<(Box<Will>, Instant)>,
+    /// (One box for both: most sessions never have one.)
+    pending_will: Option<Box<(Will, Instant)>>,
     /// The session's number in this core's persistence log, while it is persisted (persistence on and
     /// expiry above 0).
     sid: Option<u32>,
@@ -1506,10 +1507,10 @@ impl Core {
 
     /// Publishes the session's delayed will, if it has one.
     fn fire_will(&mut self, skey: usize) {
-        let Some((will, _)) = self.sessions.get_mut(skey).and_then(|se| se.pending_will.take()) else {
+        let Some(pending) = self.sessions.get_mut(skey).and_then(|se| se.pending_will.take()) else {
             return;
         };
-        self.publish_will(skey, *will);
+        self.publish_will(skey, pending.0);
     }
 
     /// Publishes a will of the client of session `skey`, if the ACL lets that client publish to its topic.
@@ -1582,7 +1583,7 @@ impl Core {
                     if let (Some(w), Some(due)) =
                         (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(se.expiry)))))
                     {
-                        se.pending_will = Some((w, due));
+                        se.pending_will = Some(Box::new((*w, due)));
                         self.pending_wills.push(skey);
                     }
                 }
@@ -1707,13 +1708,15 @@ impl Core {
             return;
         }
         let mut waiting = std::mem::take(&mut self.pending_wills);
-        waiting.retain(|&skey| match self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()) {
-            Some((_, due)) if *due <= now => {
-                self.fire_will(skey);
-                false
+        waiting.retain(|&skey| {
+            match self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()).map(|p| p.1) {
+                Some(due) if due <= now => {
+                    self.fire_will(skey);
+                    false
+                }
+                Some(_) => true,
+                None => false,
             }
-            Some(_) => true,
-            None => false,
         });
         self.pending_wills.append(&mut waiting);
     }

@@ -14,7 +14,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
-use super::{Conn, ConnIo};
+use super::Conn;
 
 /// Events fetched per `epoll_wait` call.
 const BATCH: usize = 256;
@@ -100,13 +100,4 @@ fn ctl(epfd: RawFd, op: libc::c_int, fd: RawFd, ev: &mut libc::epoll_event) -> i
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-impl Conn {
-    fn raw_fd(&self) -> RawFd {
-        match &self.io {
-            ConnIo::Uring(s) => s.as_raw_fd(),
-            ConnIo::Epoll(s) => s.as_raw_fd(),
-        }
-    }
 }

@@ -198,7 +198,7 @@ impl Listener {
                 (ConnIo::Epoll(s), peer)
             }
         };
-        Ok((Conn::new(io, Some(peer)), peer))
+        Ok((Conn::new(io), peer))
     }
 }
 
@@ -215,7 +215,6 @@ impl Listener {
 /// had an operation dropped this way.
 pub struct Conn {
     io: ConnIo,
-    peer: Option<SocketAddr>,
     /// io_uring operations started and not seen completing. Counted, not guarded: an operation whose
     /// future is dropped before completion (tokio-uring does not cancel it, so the kernel may still
     /// consume data for it) leaves the count above 0 for good, and [`Conn::into_std`] refuses the
@@ -231,8 +230,8 @@ enum ConnIo {
 }
 
 impl Conn {
-    fn new(io: ConnIo, peer: Option<SocketAddr>) -> Conn {
-        Conn { io, peer, in_flight: Cell::new(0), idle_known: Cell::new(false) }
+    fn new(io: ConnIo) -> Conn {
+        Conn { io, in_flight: Cell::new(0), idle_known: Cell::new(false) }
     }
 
     /// Reads into the spare capacity of `buf`, appending after `buf.len()`, and returns how many
@@ -293,9 +292,20 @@ impl Conn {
         };
     }
 
-    /// The peer's address, as reported when the connection was accepted or adopted.
+    /// The peer's address, asked of the kernel (`None` once the connection is gone). Not stored: that
+    /// would cost every connection 32 bytes for a value the broker seldom needs.
     pub fn peer_addr(&self) -> Option<SocketAddr> {
-        self.peer
+        // SAFETY: the descriptor is this connection's socket, open for as long as `self` lives.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.raw_fd()) };
+        socket2::SockRef::from(&fd).peer_addr().ok()?.as_socket()
+    }
+
+    fn raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsRawFd;
+        match &self.io {
+            ConnIo::Uring(s) => s.as_raw_fd(),
+            ConnIo::Epoll(s) => s.as_raw_fd(),
+        }
     }
 
     /// Detaches the socket from this runtime so that another core's runtime can adopt it with
@@ -326,7 +336,6 @@ impl Conn {
                 "Conn::from_std for {backend:?} inside a {running:?} runtime"
             )));
         }
-        let peer = s.peer_addr().ok();
         let io = match backend {
             Backend::Uring => {
                 // See Listener::bind: tokio-uring expects blocking sockets; an epoll-side
@@ -340,7 +349,7 @@ impl Conn {
                 ConnIo::Epoll(tokio::net::TcpStream::from_std(s)?)
             }
         };
-        Ok(Conn::new(io, peer))
+        Ok(Conn::new(io))
     }
 }
 
