@@ -132,24 +132,35 @@ run_one() {
       r=$(rss_kb "$BROKER_PID" 2>/dev/null || echo 0); [ "${r:-0}" -gt "$peak" ] && peak=$r && echo "$peak" >"$WORK/peak"
       sleep 0.1; done ) &
   local sampler=$!
+  # Connection storms: also the RSS while the connections are held and idle, halfway through the hold
+  # (the swarm says "holding" once all are connected); the peak also counts the storm's own transients.
+  local held_sampler=""
+  if [[ " $* " == *" storm "* ]]; then
+    ( for _ in $(seq 300); do grep -q holding "$WORK/swarm.err" 2>/dev/null && break; sleep 0.1; done
+      sleep "$(python3 -c "print($DURATION / 2)")"
+      rss_kb "$BROKER_PID" >"$WORK/held" 2>/dev/null ) &
+    held_sampler=$!
+  fi
   json=$("$SWARM" --port "$port" --cpus "$SWARM_CPU" --threads 1 --payload "$PAYLOAD" \
            --duration "$DURATION" --warmup "$WARMUP" --json "${tls_args[@]}" "$@" 2>"$WORK/swarm.err" | grep '^{"scenario"' || true)
   local t1 rss
   t1=$(cpu_ticks "$BROKER_PID")
   kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+  [ -n "$held_sampler" ] && { wait "$held_sampler" 2>/dev/null || true; }
   rss=$(cat "$WORK/peak" 2>/dev/null || rss_kb "$BROKER_PID")
-  rm -f "$WORK/peak"
+  held=$(cat "$WORK/held" 2>/dev/null || echo 0)
+  rm -f "$WORK/peak" "$WORK/held"
   stop_broker
   if [ -z "$json" ]; then
     echo "swarm failed for $broker $label:" >&2; tail -3 "$WORK/swarm.err" >&2; tail -3 "$WORK/broker.err" >&2 2>/dev/null || true
     json='{"received":0}'
   fi
-  python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$base" "$(getconf CLK_TCK)" "$json" >>"$WORK/rows" <<'EOF'
+  python3 - "$broker" "$threads" "$label" "$((t1 - t0))" "$rss" "$base" "$(getconf CLK_TCK)" "$json" "$held" >>"$WORK/rows" <<'EOF'
 import json, sys
-broker, threads, label, ticks, rss, base, hz, row = sys.argv[1:]
+broker, threads, label, ticks, rss, base, hz, row, held = sys.argv[1:]
 r = json.loads(row)
 r.update(broker=broker, threads=int(threads), label=label, cpu_s=int(ticks) / int(hz), rss_kb=int(rss),
-         base_kb=int(base))
+         base_kb=int(base), held_kb=int(held or 0))
 print(json.dumps(r))
 EOF
 }
@@ -201,6 +212,11 @@ def us_per_msg(r):
     return r["cpu_s"] * 1e6 / n if n else float("nan")
 def rate(r):
     return r.get("recv_rate", 0.0)
+def per_conn(r, key):
+    # Bytes of RSS above the broker's RSS before the run, per connection that connected.
+    if not r.get(key):
+        return float("nan")
+    return (r[key] - r["base_kb"]) * 1024 / max(r.get("connects", 0), 1)
 hdr = (f'{"scenario":<28} {"broker":<14} {"msgs/s":>10} {"p50 us":>8} {"p99 us":>8} {"p99.9 us":>9} '
        f'{"CPU us/msg":>10} {"RSS MiB":>8} {"lost":>8}')
 print(hdr); print("-" * len(hdr))
@@ -211,17 +227,19 @@ for label, d in by.items():
     for (broker, threads), r in d.items():
         name = broker if threads == 1 else f"{broker} x{threads}"
         if r.get("scenario") == "storm":
-            per = (r["rss_kb"] - r["base_kb"]) * 1024 / max(r.get("connects", 0), 1)
-            print(f'{label:<28} {name:<14} {r.get("connect_rate",0):>10.0f} connects/s; '
-                  f'RSS per idle connection {per:.0f} B ({r["rss_kb"]/1024:.1f} MiB peak)')
+            print(f'{label:<28} {name:<14} {r.get("connect_rate",0):>10.0f} connects/s; RSS per idle connection '
+                  f'{per_conn(r, "held_kb"):.0f} B held, {per_conn(r, "rss_kb"):.0f} B at peak '
+                  f'({r["rss_kb"]/1024:.1f} MiB peak)')
             continue
         print(f'{label:<28} {name:<14} {rate(r):>10.0f} {r.get("lat_p50_us",0):>8} {r.get("lat_p99_us",0):>8} '
               f'{r.get("lat_p999_us",0):>9} {us_per_msg(r):>10.2f} {r["rss_kb"]/1024:>8.1f} {r.get("lost",0):>8}')
     c, m = d.get(("coremq", 1)), d.get(("mosquitto", 1))
     if c and m and c.get("scenario") == "storm":
-        pc = (c["rss_kb"] - c["base_kb"]) / max(c.get("connects", 0), 1)
-        pm = (m["rss_kb"] - m["base_kb"]) / max(m.get("connects", 0), 1)
-        print(f'{"":<28} {"ratio c/m":<14} RSS per idle connection {pc / pm if pm else float("nan"):.2f}')
+        def ratio_of(key):
+            pm = per_conn(m, key)
+            return per_conn(c, key) / pm if pm > 0 else float("nan")
+        print(f'{"":<28} {"ratio c/m":<14} RSS per idle connection {ratio_of("held_kb"):.2f} held, '
+              f'{ratio_of("rss_kb"):.2f} at peak')
     elif c and m:
         def ratio(a, b):
             return a / b if b else float("nan")

@@ -142,9 +142,13 @@ pub struct ConnCtl {
     /// The writer task ended because the reader is parked and nothing was queued
     /// ([`ConnCtl::retire_writer`]); a wake-up asks for a new one ([`writers_wanted`]).
     writer_gone: Cell<bool>,
+    /// The writer wrote something since the last sweep: it is not idle, so it does not retire.
+    wrote: Cell<bool>,
 }
 
 thread_local! {
+    /// Writers retired on this core since the last sweep (their memory counts toward a trim).
+    static RETIRED_WRITERS: Cell<usize> = const { Cell::new(0) };
     /// Park tokens of connections whose retired writer must start again (someone woke it), and the task
     /// that starts writers, waiting in [`writers_wanted`].
     static WRITERS_WANTED: RefCell<(Vec<u64>, Option<Waker>)> = const { RefCell::new((Vec::new(), None)) };
@@ -178,6 +182,7 @@ impl ConnCtl {
             done_waker: Cell::new(None),
             parked: Cell::new(0),
             writer_gone: Cell::new(false),
+            wrote: Cell::new(false),
         }
     }
 
@@ -205,26 +210,42 @@ impl ConnCtl {
         }
     }
 
-    /// The reader parked under `token` (0: it is reading again). Parking wakes the writer, so that it
-    /// can retire if it has nothing to write.
+    /// The reader parked under `token` (0: it is reading again). Parking wakes a writer that has been
+    /// idle since the last sweep, so that it retires at once.
     pub fn set_parked(&self, token: u64) {
         self.parked.set(token);
-        if token != 0 {
+        if token != 0 && !self.wrote.get() {
             self.wake_writer();
         }
     }
 
-    /// The writer has nothing to write: if the reader is parked and the connection is not closing, the
-    /// writer may end its task (true) instead of waiting; the next wake-up asks for a new one. Called
-    /// by the writer just before it would wait.
+    /// Called by the writer after each write.
+    pub fn set_wrote(&self) {
+        self.wrote.set(true);
+    }
+
+    /// Called by every sweep: a parked connection's writer that wrote nothing since the previous sweep
+    /// is woken to retire. A writer that keeps writing (a subscriber that never talks still gets its
+    /// messages) never retires, so a busy connection never pays a task start per batch.
+    pub fn sweep_writer(&self) {
+        let wrote = self.wrote.replace(false);
+        if !wrote && self.parked.get() != 0 && !self.writer_gone.get() {
+            self.wake_writer();
+        }
+    }
+
+    /// The writer has nothing to write: if the reader is parked, the writer wrote nothing since the last
+    /// sweep and the connection is not closing, the writer may end its task (true) instead of waiting;
+    /// the next wake-up asks for a new one. Called by the writer just before it would wait.
     pub fn retire_writer(&self) -> bool {
         let mut ob = self.outbox.borrow_mut();
-        if self.parked.get() == 0 || self.closing.get() || !ob.is_empty() {
+        if self.parked.get() == 0 || self.wrote.get() || self.closing.get() || !ob.is_empty() {
             return false;
         }
         // An idle connection keeps no outbox allocation (its CONNACK's, typically) until the next sweep.
         ob.shrink_to_fit();
         self.writer_gone.set(true);
+        RETIRED_WRITERS.set(RETIRED_WRITERS.get() + 1);
         // Whatever woke it was handled: the next wake-up must ask for a writer.
         self.woken.set(false);
         true
@@ -386,10 +407,11 @@ pub struct Core {
     assigned_ids: u64,
     /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
     frame_buf: BytesMut,
-    /// Connections closed since memory was last given back (see [`Core::take_trim_due`]).
-    closed_since_trim: usize,
-    /// `closed_since_trim` at the previous sweep: unchanged means the wave is over.
-    closed_at_last_sweep: usize,
+    /// Connections closed, parked or whose writer retired since memory was last given back (see
+    /// [`Core::take_trim_due`]): each freed blocks the allocator purges only lazily.
+    freed_since_trim: usize,
+    /// `freed_since_trim` at the previous sweep: unchanged means the wave is over.
+    freed_at_last_sweep: usize,
     trim_due: bool,
     /// Credentials that verified recently: a reconnect costs one hash, not a PBKDF2 derivation.
     verified: VerifyCache,
@@ -415,9 +437,9 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Usernames whose verified password the cache keeps per core.
 const VERIFY_CACHE: usize = 100_000;
 
-/// After this many closed connections (or [`TRIM_AFTER_QUIET`] once closing has stopped for a sweep) the
-/// sweeper shrinks the core's tables and has the allocator give free pages back, so that RSS returns
-/// near its baseline after a wave of disconnects.
+/// After this many closed (or parked) connections, or [`TRIM_AFTER_QUIET`] once that has stopped for a
+/// sweep, the sweeper shrinks the core's tables and has the allocator give free pages back, so that RSS
+/// returns near its baseline after a wave of disconnects, or of connections going idle.
 const TRIM_AFTER_CLOSES: usize = 1000;
 const TRIM_AFTER_QUIET: usize = 64;
 
@@ -501,8 +523,8 @@ impl Core {
             inbound: Vec::new(),
             assigned_ids: 0,
             frame_buf: BytesMut::new(),
-            closed_since_trim: 0,
-            closed_at_last_sweep: 0,
+            freed_since_trim: 0,
+            freed_at_last_sweep: 0,
             trim_due: false,
             verified: VerifyCache::new(VERIFY_CACHE),
             expiring: BinaryHeap::new(),
@@ -581,7 +603,7 @@ impl Core {
     pub fn unregister(&mut self, key: usize, ctl: &Rc<ConnCtl>) {
         if self.is_current(key, ctl) {
             self.conns.remove(key);
-            self.closed_since_trim += 1;
+            self.freed_since_trim += 1;
         }
     }
 
@@ -1064,6 +1086,12 @@ impl Core {
 
     /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
     /// the allocator to give free memory back (`crate::alloc`).
+    /// A quiet connection parked (its reading task and buffer were freed): counted, and toward a trim.
+    pub fn note_parked(&mut self) {
+        self.stats.parks += 1;
+        self.freed_since_trim += 1;
+    }
+
     pub fn take_trim_due(&mut self) -> bool {
         std::mem::take(&mut self.trim_due)
     }
@@ -1559,7 +1587,7 @@ impl Core {
             }
         }
         let entry = self.conns.remove(key);
-        self.closed_since_trim += 1;
+        self.freed_since_trim += 1;
         if entry.held.is_some() {
             // Never acknowledged: the client sends them again when it reconnects.
             self.holding.retain(|&k| k != key);
@@ -1637,14 +1665,15 @@ impl Core {
                     ob.shrink_to_fit();
                 }
             }
+            c.ctl.sweep_writer();
         }
-        let quiet = self.closed_since_trim == self.closed_at_last_sweep;
-        self.closed_at_last_sweep = self.closed_since_trim;
-        if self.closed_since_trim >= TRIM_AFTER_CLOSES
-            || (quiet && self.closed_since_trim >= TRIM_AFTER_QUIET)
+        self.freed_since_trim += RETIRED_WRITERS.take();
+        let quiet = self.freed_since_trim == self.freed_at_last_sweep;
+        self.freed_at_last_sweep = self.freed_since_trim;
+        if self.freed_since_trim >= TRIM_AFTER_CLOSES || (quiet && self.freed_since_trim >= TRIM_AFTER_QUIET)
         {
-            self.closed_since_trim = 0;
-            self.closed_at_last_sweep = 0;
+            self.freed_since_trim = 0;
+            self.freed_at_last_sweep = 0;
             self.trim_due = true;
             // Tables sized for the wave give back what its end freed (vacant slots at the tail only:
             // keys of live entries never move).
