@@ -3,7 +3,8 @@
 //!
 //! mimalloc keeps freed pages in the freeing thread's heap and purges them lazily, on that thread's
 //! later allocations. A core that has just closed ten thousand connections and then sits idle would
-//! keep tens of megabytes it no longer uses; the sweeper calls this after such a wave.
+//! keep tens of megabytes it no longer uses (so would one whose connections have just gone idle and
+//! parked); the sweeper calls this after such a wave.
 
 unsafe extern "C" {
     /// From mimalloc (linked through the `mimalloc` crate): collects the calling thread's heap and,
