@@ -242,7 +242,7 @@ impl ConnCtl {
         if self.parked.get() == 0 || self.wrote.get() || self.closing.get() || !ob.is_empty() {
             return false;
         }
-        // An idle connection keeps no outbox allocation (its CONNACK's, typically) until the next sweep.
+        // A connection without a writer keeps no outbox allocation either.
         ob.shrink_to_fit();
         self.writer_gone.set(true);
         RETIRED_WRITERS.set(RETIRED_WRITERS.get() + 1);
@@ -614,8 +614,8 @@ impl Core {
         key
     }
 
-    /// Something arrived on the connection: keep-alive restarts.
-    /// Records that `key` sent something at `now`, and returns how long it had been silent before.
+    /// Something arrived on the connection at `now`: keep-alive restarts. Returns how long the connection
+    /// had been silent before (the reader parks a connection that is usually quiet).
     pub fn touch(&mut self, key: usize, now: Instant) -> Duration {
         match self.conns.get_mut(key) {
             Some(c) => now.saturating_duration_since(std::mem::replace(&mut c.last_seen, now)),

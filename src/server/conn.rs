@@ -472,9 +472,10 @@ fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
     let Some(idle) = core.idle.as_ref() else { return Err(r) };
     let mut parked = core.parked.borrow_mut();
     let entry = parked.vacant_entry();
-    let gen = core.park_gen.get().wrapping_add(1);
+    // Generation 0 is skipped when the counter wraps, so that a token is never 0.
+    let gen = core.park_gen.get().checked_add(1).unwrap_or(1);
     core.park_gen.set(gen);
-    let token = (u64::from(gen) << 32) | entry.key() as u64;
+    let token = park_token(entry.key(), gen);
     if idle.arm(&r.link.conn, token).is_err() {
         return Err(r);
     }
@@ -487,10 +488,21 @@ fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
     Ok(())
 }
 
+/// A park's token: the parked list's index (below 2^32: one per connection) and the park's generation,
+/// so that a token left over from an earlier park of the same slot is told apart. Never 0 (generations
+/// are never 0), which [`ConnCtl`] uses for "not parked".
+fn park_token(index: usize, gen: u32) -> u64 {
+    (u64::from(gen) << 32) | (index as u64 & 0xffff_ffff)
+}
+
+fn split_park_token(token: u64) -> (usize, u32) {
+    ((token & 0xffff_ffff) as usize, (token >> 32) as u32)
+}
+
 /// The socket of a parked connection became readable (data, end of stream, or the broker shut it down
 /// to close it): start its reading task again. Tokens of parks that are over are ignored.
 pub(super) fn unpark(core: &CoreRef, token: u64) {
-    let (index, gen) = ((token & 0xffff_ffff) as usize, (token >> 32) as u32);
+    let (index, gen) = split_park_token(token);
     let reader = {
         let mut parked = core.parked.borrow_mut();
         if !parked.get(index).is_some_and(|(g, _)| *g == gen) {
@@ -513,7 +525,7 @@ pub(super) fn unpark(core: &CoreRef, token: u64) {
 /// Something was queued for a parked connection whose writer retired: start a writer again (the reader
 /// stays parked). Tokens of parks that are over are ignored: unparking started the writer then.
 pub(super) fn start_writer(core: &CoreRef, token: u64) {
-    let (index, gen) = ((token & 0xffff_ffff) as usize, (token >> 32) as u32);
+    let (index, gen) = split_park_token(token);
     let parked = core.parked.borrow();
     if let Some((g, r)) = parked.get(index) {
         if *g == gen && r.ctl.take_writer_gone() {
