@@ -413,6 +413,8 @@ pub struct Core {
     /// `freed_since_trim` at the previous sweep: unchanged means the wave is over.
     freed_at_last_sweep: usize,
     trim_due: bool,
+    /// Parks since the allocator last gave pages back (see [`Core::note_parked`]).
+    parks_since_purge: usize,
     /// Credentials that verified recently: a reconnect costs one hash, not a PBKDF2 derivation.
     verified: VerifyCache,
     /// Offline sessions that expire, by deadline (entries are checked when popped: a session that came
@@ -442,6 +444,8 @@ const VERIFY_CACHE: usize = 100_000;
 /// returns near its baseline after a wave of disconnects, or of connections going idle.
 const TRIM_AFTER_CLOSES: usize = 1000;
 const TRIM_AFTER_QUIET: usize = 64;
+/// Parks between two purges of the allocator's free pages (tables are left alone: they still grow).
+const PURGE_AFTER_PARKS: usize = 1000;
 
 /// The core that owns the session of `client_id`.
 pub fn home_core(client_id: &str, cores: usize) -> usize {
@@ -526,6 +530,7 @@ impl Core {
             freed_since_trim: 0,
             freed_at_last_sweep: 0,
             trim_due: false,
+            parks_since_purge: 0,
             verified: VerifyCache::new(VERIFY_CACHE),
             expiring: BinaryHeap::new(),
             pending_wills: Vec::new(),
@@ -1087,9 +1092,17 @@ impl Core {
     /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
     /// the allocator to give free memory back (`crate::alloc`).
     /// A quiet connection parked (its reading task and buffer were freed): counted, and toward a trim.
-    pub fn note_parked(&mut self) {
+    /// Returns whether the allocator should give free pages back now: every [`PURGE_AFTER_PARKS`] parks,
+    /// so that a storm of connections going idle does not pile up freed blocks between sweeps.
+    pub fn note_parked(&mut self) -> bool {
         self.stats.parks += 1;
         self.freed_since_trim += 1;
+        self.parks_since_purge += 1;
+        if self.parks_since_purge >= PURGE_AFTER_PARKS {
+            self.parks_since_purge = 0;
+            return true;
+        }
+        false
     }
 
     pub fn take_trim_due(&mut self) -> bool {
