@@ -4,11 +4,13 @@
 //! owned-buffer shape as the io_uring backend without AsyncRead/AsyncWrite adapters.
 
 use std::future::Future;
-use std::io::{self, IoSlice};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::{consume, count_writev, write_zero, MAX_IOVECS};
@@ -41,7 +43,7 @@ pub(super) fn poll_read(s: &TcpStream, buf: &mut BytesMut, cx: &mut Context<'_>)
     }
 }
 
-/// Writes all of `bufs` with writev, at most [`MAX_IOVECS`] buffers per call.
+/// Writes all of `bufs` with writev, at most [`MAX_IOVECS`] runs of adjacent buffers per call.
 pub(super) async fn write_all_vectored(s: &TcpStream, mut bufs: Vec<Bytes>) -> (io::Result<()>, Vec<Bytes>) {
     // Index of the first buffer not yet fully written; the Vec is cleared once at the end instead
     // of shifting it after every partial write.
@@ -57,12 +59,17 @@ pub(super) async fn write_all_vectored(s: &TcpStream, mut bufs: Vec<Bytes>) -> (
         if let Err(e) = s.writable().await {
             break Err(e);
         }
-        let written = {
-            let iov: SmallVec<[IoSlice<'_>; 64]> =
-                pending.iter().take(MAX_IOVECS).map(|b| IoSlice::new(b)).collect();
-            count_writev();
-            s.try_write_vectored(&iov)
-        };
+        let mut iov: SmallVec<[libc::iovec; 64]> = SmallVec::new();
+        super::for_each_run(pending, MAX_IOVECS, |ptr, len| {
+            iov.push(libc::iovec { iov_base: ptr as *mut libc::c_void, iov_len: len })
+        });
+        count_writev();
+        let written = s.try_io(Interest::WRITABLE, || {
+            // SAFETY: every iovec covers bytes of buffers in `pending`, which outlive this call; the
+            // kernel only reads them. `iov.len()` is at most MAX_IOVECS (1024), so it fits an i32.
+            let n = unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        });
         match written {
             Ok(0) => break Err(write_zero()),
             Ok(n) => head += consume(pending, n),

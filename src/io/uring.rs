@@ -7,7 +7,6 @@
 //! the op (and its buffers) until it catches up or the connection is shut down.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
@@ -153,46 +152,74 @@ impl<Fut: Future, F: FnOnce(Fut::Output) -> T, T> Future for Map<Fut, F> {
     }
 }
 
-/// Writes all of `bufs` with io_uring writev, at most [`MAX_IOVECS`] buffers per operation.
+/// One iovec of a writev op: a run of buffers adjacent in memory (see [`super::for_each_run`]). It
+/// holds the whole buffer list, so that the bytes stay alive for as long as tokio-uring holds the
+/// op, which it does even if the writing future is dropped.
+struct Run {
+    ptr: *const u8,
+    len: usize,
+    _bufs: Rc<Vec<Bytes>>,
+}
+
+// SAFETY: `ptr..ptr + len` lies within buffers of `_bufs`, which the run keeps alive and which are
+// never written while any run exists (the list is only changed after the op gave every run back).
+unsafe impl tokio_uring::buf::IoBuf for Run {
+    fn stable_ptr(&self) -> *const u8 {
+        self.ptr
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.len
+    }
+
+    fn bytes_total(&self) -> usize {
+        self.len
+    }
+}
+
+thread_local! {
+    /// The run list of the last write on this thread, kept for the next one, so that a write batch
+    /// does not allocate it again.
+    static SPARE_RUNS: RefCell<Vec<Run>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Writes all of `bufs` with io_uring writev, at most [`MAX_IOVECS`] runs of adjacent buffers per
+/// operation.
 pub(super) async fn write_all_vectored(
     s: &tokio_uring::net::TcpStream,
-    mut bufs: Vec<Bytes>,
+    bufs: Vec<Bytes>,
 ) -> (io::Result<()>, Vec<Bytes>) {
-    // An empty iovec list (or only empty iovecs) makes writev return 0, which would read as
-    // "socket accepts nothing"; empty buffers carry nothing anyway.
-    bufs.retain(|b| !b.is_empty());
-    // tokio-uring turns the whole Vec into iovecs, so the Vec handed to it must hold at most
-    // MAX_IOVECS buffers. The overflow waits here and refills the Vec as it drains; this keeps
-    // the caller's allocation as the one that goes back. (Rare: >1024 pending buffers.)
-    let mut overflow: VecDeque<Bytes> =
-        if bufs.len() > MAX_IOVECS { bufs.drain(MAX_IOVECS..).collect() } else { VecDeque::new() };
-    while !bufs.is_empty() {
+    let mut bufs = Rc::new(bufs);
+    let mut runs = SPARE_RUNS.with_borrow_mut(std::mem::take);
+    // Index of the first buffer not yet written completely.
+    let mut head = 0;
+    let res = loop {
+        super::for_each_run(&bufs[head..], MAX_IOVECS, |ptr, len| {
+            runs.push(Run { ptr, len, _bufs: bufs.clone() })
+        });
+        // Empty buffers make no runs: a writev of nothing would return 0, which reads as WriteZero.
+        if runs.is_empty() {
+            break Ok(());
+        }
         count_writev();
-        let (res, returned) = s.writev(bufs).await;
-        bufs = returned;
+        let (res, returned) = s.writev(runs).await;
+        runs = returned;
+        runs.clear();
         match res {
-            Ok(0) => {
-                bufs.clear();
-                return (Err(write_zero()), bufs);
-            }
-            Ok(n) => {
-                let full = consume(&mut bufs, n);
-                bufs.drain(..full);
-            }
+            Ok(0) => break Err(write_zero()),
+            Ok(n) => match Rc::get_mut(&mut bufs) {
+                Some(list) => head += consume(&mut list[head..], n),
+                // Cannot happen: the runs, the only other holders, were just dropped.
+                None => break Err(io::Error::other("write buffers still shared after writev")),
+            },
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                bufs.clear();
-                return (Err(e), bufs);
-            }
+            Err(e) => break Err(e),
         }
-        while bufs.len() < MAX_IOVECS {
-            match overflow.pop_front() {
-                Some(b) => bufs.push(b),
-                None => break,
-            }
-        }
-    }
-    (Ok(()), bufs)
+    };
+    SPARE_RUNS.with_borrow_mut(|spare| *spare = runs);
+    let mut bufs = Rc::try_unwrap(bufs).unwrap_or_default();
+    bufs.clear();
+    (res, bufs)
 }
 
 /// Detaches a tokio-uring stream: tokio-uring has no `into_std`, so the fd is duplicated into a
