@@ -222,6 +222,8 @@ pub struct Conn {
     in_flight: Cell<u32>,
     /// The socket is in this core's [`IdleSet`] (armed or spent): re-arming modifies its entry.
     idle_known: Cell<bool>,
+    /// Epoll backend: the last read filled the buffer it was given (see `epoll::poll_read`).
+    read_filled: Cell<bool>,
 }
 
 enum ConnIo {
@@ -231,7 +233,7 @@ enum ConnIo {
 
 impl Conn {
     fn new(io: ConnIo) -> Conn {
-        Conn { io, in_flight: Cell::new(0), idle_known: Cell::new(false) }
+        Conn { io, in_flight: Cell::new(0), idle_known: Cell::new(false), read_filled: Cell::new(false) }
     }
 
     /// Reads into the spare capacity of `buf`, appending after `buf.len()`, and returns how many
@@ -257,7 +259,11 @@ impl Conn {
                     out
                 }
                 ConnIo::Epoll(s) => {
-                    let res = std::future::poll_fn(|cx| epoll::poll_read(s, &mut buf, cx)).await;
+                    let spare = buf.capacity() - buf.len();
+                    let mut yield_first = self.read_filled.get();
+                    let res =
+                        std::future::poll_fn(|cx| epoll::poll_read(s, &mut buf, &mut yield_first, cx)).await;
+                    self.read_filled.set(matches!(res, Ok(n) if n == spare));
                     (res, buf)
                 }
             }

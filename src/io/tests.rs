@@ -347,6 +347,61 @@ fn read_appends_and_reports_eof() {
 }
 
 #[test]
+fn a_connection_that_always_has_data_lets_the_core_run_other_tasks_between_full_reads() {
+    // Epoll only: on io_uring every read completes in a later turn of the loop by nature.
+    run_bounded(Backend::Epoll, async move {
+        let l = Listener::bind(localhost()).unwrap();
+        let addr = l.local_addr().unwrap();
+        const N: usize = 8 << 20;
+        let peer = std::thread::spawn(move || client(addr).write_all(&pattern(5, N)).unwrap());
+        let (conn, _) = l.accept().await.unwrap();
+        // Another task that is always ready, as a subscriber's writer is under a flood: it counts
+        // how often the core polls it.
+        let polls = Rc::new(Cell::new(0u64));
+        let stop = Rc::new(Cell::new(false));
+        let other = tokio::task::spawn_local({
+            let (polls, stop) = (polls.clone(), stop.clone());
+            std::future::poll_fn(move |cx| {
+                if stop.get() {
+                    return std::task::Poll::Ready(());
+                }
+                polls.set(polls.get() + 1);
+                cx.waker().wake_by_ref();
+                std::task::Poll::Pending
+            })
+        });
+        let (mut got, mut full_reads) = (0, 0);
+        // The other task's poll count when the previous read filled its buffer.
+        let mut after_full: Option<u64> = None;
+        let mut buf = BytesMut::with_capacity(4096);
+        while got < N {
+            buf.clear();
+            let spare = buf.capacity();
+            let (res, b) = conn.read(buf).await;
+            buf = b;
+            let n = res.unwrap();
+            assert!(n > 0, "unexpected EOF after {got} bytes");
+            got += n;
+            if let Some(polls_then) = after_full {
+                assert!(
+                    polls.get() > polls_then,
+                    "a read right after a full one did not let the other task run"
+                );
+            }
+            after_full = (n == spare).then(|| polls.get());
+            full_reads += usize::from(n == spare);
+        }
+        assert!(
+            full_reads > 10,
+            "the socket never had a full buffer's worth waiting ({full_reads} full reads)"
+        );
+        stop.set(true);
+        other.await.unwrap();
+        tokio::task::spawn_blocking(move || peer.join().unwrap()).await.unwrap();
+    });
+}
+
+#[test]
 fn full_buffer_gets_room_instead_of_false_eof() {
     for b in backends() {
         run_bounded(b, async move {
