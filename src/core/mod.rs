@@ -34,7 +34,8 @@ use crate::protocol::{
 use crate::session::{Delivered, Limits, Message, MsgProps, OutFrame, Outbox, Session, SubIds, SubOpts};
 use crate::stats::Stats;
 use crate::topic::{
-    level_count, parse_shared, valid_topic_filter, valid_topic_name, RetainedTree, SubscriptionIndex,
+    level_count, parse_shared, valid_topic_filter, valid_topic_name, MatchCache, RetainedTree,
+    SubscriptionIndex,
 };
 use crate::xcore::{Handoff, Mesh, XMsg};
 
@@ -388,6 +389,9 @@ pub struct Core {
     index: SubscriptionIndex<usize, SubOpts>,
     /// Filters other cores have subscribers for: filter -> core id.
     interest: SubscriptionIndex<usize, ()>,
+    /// The last topic's matches in `index` and in `interest` (a publisher's messages come in runs).
+    index_cache: MatchCache<usize, SubOpts>,
+    interest_cache: MatchCache<usize, ()>,
     /// Filters of congested sessions on every core (this one included): filter -> [`congestion_key`].
     /// A QoS 1/2 PUBLISH matching one is held before it is acknowledged.
     congested: SubscriptionIndex<u64, ()>,
@@ -515,6 +519,8 @@ impl Core {
             by_client: HashMap::new(),
             index: SubscriptionIndex::new(),
             interest: SubscriptionIndex::new(),
+            index_cache: MatchCache::default(),
+            interest_cache: MatchCache::default(),
             congested: SubscriptionIndex::new(),
             holding: Vec::new(),
             retry_held: false,
@@ -1217,11 +1223,11 @@ impl Core {
             mask = all_cores_mask(self.cores()) & !(1u64 << self.id);
         } else {
             let me = self.id;
-            self.interest.for_each_match(msg.topic.as_str(), |core, _| {
+            for &(core, ()) in self.interest.matches_cached(msg.topic.as_str(), &mut self.interest_cache) {
                 if core != me {
                     mask |= 1u64 << core;
                 }
-            });
+            }
         }
         while mask != 0 {
             let dst = mask.trailing_zeros() as usize;
@@ -1263,11 +1269,11 @@ impl Core {
     /// when it is on this core: its No Local subscriptions do not match.
     fn deliver_local(&mut self, msg: &Message, origin: Option<usize>) {
         let mut matches: SmallVec<[(usize, SubOpts); 16]> = SmallVec::new();
-        self.index.for_each_match(msg.topic.as_str(), |skey, o| {
+        for &(skey, o) in self.index.matches_cached(msg.topic.as_str(), &mut self.index_cache) {
             if !(o.no_local && origin == Some(skey)) {
-                matches.push((skey, *o));
+                matches.push((skey, o));
             }
-        });
+        }
         if matches.is_empty() {
             return;
         }

@@ -205,6 +205,32 @@ pub struct SubscriptionIndex<K, V> {
     nodes: Slab<Node<K, V>>,
     filters: usize,
     subscriptions: usize,
+    /// Bumped by every insert and remove, never reset: what a [`MatchCache`] checks its entry against.
+    generation: u64,
+}
+
+/// The matches of the last topic looked up through [`SubscriptionIndex::matches_cached`], valid while the
+/// index has not changed since. A publisher sends to the same topic many times in a row (one read brings
+/// dozens of its messages), and the trie walk is the largest user-space cost of routing one: measured at
+/// about a sixth of the broker's user time under QoS 0 fan-in. One cache serves one index.
+#[derive(Debug)]
+pub struct MatchCache<K, V> {
+    topic: String,
+    /// The index's generation when the entry was filled; 0: no entry (index generations start at 1).
+    generation: u64,
+    matches: Vec<(K, V)>,
+}
+
+/// Match lists longer than this are not kept: the walk is then a small part of the work of delivering
+/// them, and the cache would hold their memory.
+const CACHE_MAX_MATCHES: usize = 64;
+/// Topic capacity kept by the cache between lookups.
+const CACHE_TOPIC_CAPACITY: usize = 256;
+
+impl<K, V> Default for MatchCache<K, V> {
+    fn default() -> Self {
+        MatchCache { topic: String::new(), generation: 0, matches: Vec::new() }
+    }
 }
 
 impl<K: Copy + Eq + Hash, V> Default for SubscriptionIndex<K, V> {
@@ -219,12 +245,13 @@ impl<K: Copy + Eq + Hash, V> SubscriptionIndex<K, V> {
         let mut nodes = Slab::new();
         // The first key of a fresh slab is 0 = ROOT.
         nodes.insert(Node::default());
-        SubscriptionIndex { nodes, filters: 0, subscriptions: 0 }
+        SubscriptionIndex { nodes, filters: 0, subscriptions: 0, generation: 1 }
     }
 
     /// Adds `key`'s subscription to `filter`, or replaces its options if it already had one (MQTT-3.8.4-3).
     /// Returns the previous options, and whether `filter` had no subscriber before.
     pub fn insert(&mut self, filter: &str, key: K, value: V) -> Inserted<V> {
+        self.generation += 1;
         let mut node = ROOT;
         let mut rest = Some(filter);
         let slot = loop {
@@ -296,6 +323,7 @@ impl<K: Copy + Eq + Hash, V> SubscriptionIndex<K, V> {
     /// Removes `key`'s subscription to `filter`. `last_for_filter` is true when this removed the filter's
     /// last subscriber.
     pub fn remove(&mut self, filter: &str, key: K) -> Removed<V> {
+        self.generation += 1;
         let not_found = Removed { value: None, last_for_filter: false };
         let mut path = SmallVec::new();
         let Some((node, slot)) = self.locate(filter, Some(&mut path)) else {
@@ -333,8 +361,11 @@ impl<K: Copy + Eq + Hash, V> SubscriptionIndex<K, V> {
             node = parent;
         }
         if self.filters == 0 && self.nodes.len() == 1 {
-            // Only the (empty) root is left: start a fresh arena so the slab's peak size is released.
+            // Only the (empty) root is left: start a fresh arena so the slab's peak size is released. The
+            // generation goes on: a cache filled before must not match again.
+            let generation = self.generation;
             *self = Self::new();
+            self.generation = generation;
         }
     }
 
@@ -357,6 +388,25 @@ impl<K: Copy + Eq + Hash, V> SubscriptionIndex<K, V> {
             }
             ControlFlow::Continue(())
         });
+    }
+
+    /// The subscriptions whose filter matches `topic`, as [`Self::for_each_match`] reports them, through
+    /// `cache`: the walk is skipped when `cache` holds `topic` from an unchanged index.
+    pub fn matches_cached<'c>(&self, topic: &str, cache: &'c mut MatchCache<K, V>) -> &'c [(K, V)]
+    where
+        V: Clone,
+    {
+        if cache.generation != self.generation || cache.topic != topic {
+            cache.matches.clear();
+            cache.matches.shrink_to(CACHE_MAX_MATCHES);
+            self.for_each_match(topic, |k, v| cache.matches.push((k, v.clone())));
+            cache.topic.clear();
+            cache.topic.shrink_to(CACHE_TOPIC_CAPACITY);
+            cache.topic.push_str(topic);
+            // Too many to keep: used for this lookup only.
+            cache.generation = if cache.matches.len() <= CACHE_MAX_MATCHES { self.generation } else { 0 };
+        }
+        &cache.matches
     }
 
     /// Whether any subscribed filter matches `topic`; stops at the first one found.
@@ -449,6 +499,41 @@ mod tests {
         index.for_each_match(topic, |k, v| out.push((k, *v)));
         out.sort_unstable();
         out
+    }
+
+    #[test]
+    fn match_cache_keeps_short_lists_only_and_gives_back_long_ones() {
+        let mut ix = SubscriptionIndex::new();
+        let mut cache = MatchCache::default();
+        ix.insert("a/+", 1u32, 0u8);
+        assert_eq!(ix.matches_cached("a/b", &mut cache), &[(1, 0)]);
+        assert_eq!(cache.generation, ix.generation, "a short list is kept");
+        assert_eq!(ix.matches_cached("a/b", &mut cache), &[(1, 0)]);
+        assert!(ix.matches_cached("b", &mut cache).is_empty());
+        // More subscribers than the cache keeps: still all reported, but not kept.
+        let many = CACHE_MAX_MATCHES as u32 + 1;
+        for k in 2..=many {
+            ix.insert("a/b", k, 1);
+        }
+        assert_eq!(ix.matches_cached("a/b", &mut cache).len(), many as usize);
+        assert_eq!(cache.generation, 0, "a long list is used once, not kept");
+        assert_eq!(ix.matches_cached("a/b", &mut cache).len(), many as usize);
+        // The next short lookup gives the long list's memory back.
+        assert_eq!(ix.matches_cached("a/c", &mut cache), &[(1, 0)]);
+        assert!(cache.matches.capacity() <= CACHE_MAX_MATCHES);
+    }
+
+    #[test]
+    fn match_cache_survives_no_reset_of_the_trie() {
+        let mut ix = SubscriptionIndex::new();
+        let mut cache = MatchCache::default();
+        ix.insert("a", 1u32, 0u8);
+        assert_eq!(ix.matches_cached("a", &mut cache), &[(1, 0)]);
+        // The last remove resets the trie to a fresh arena; as many changes later, the index must still
+        // not look like the one the entry was filled from.
+        ix.remove("a", 1);
+        ix.insert("a", 2, 0);
+        assert_eq!(ix.matches_cached("a", &mut cache), &[(2, 0)]);
     }
 
     #[test]

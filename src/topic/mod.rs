@@ -18,7 +18,7 @@ mod validate;
 #[cfg(test)]
 mod tests;
 
-pub use index::{Inserted, Removed, SubscriptionIndex};
+pub use index::{Inserted, MatchCache, Removed, SubscriptionIndex};
 pub use retained::RetainedTree;
 pub use validate::{level_count, matches, parse_shared, valid_topic_filter, valid_topic_name, MAX_TOPIC_LEN};
 

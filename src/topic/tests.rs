@@ -63,6 +63,13 @@ fn actual(index: &SubscriptionIndex<u8, u8>, topic: &str) -> Vec<(u8, u8)> {
     out
 }
 
+/// The same, looked up through `cache`.
+fn cached(index: &SubscriptionIndex<u8, u8>, cache: &mut MatchCache<u8, u8>, topic: &str) -> Vec<(u8, u8)> {
+    let mut out = index.matches_cached(topic, cache).to_vec();
+    out.sort_unstable();
+    out
+}
+
 proptest! {
     #[test]
     fn generated_names_and_filters_are_valid(t in topic(), f in filter()) {
@@ -82,6 +89,9 @@ proptest! {
     ) {
         let mut index = SubscriptionIndex::new();
         let mut model: BTreeMap<(String, u8), u8> = BTreeMap::new();
+        // One cache for the whole run: each check below looks a topic up through it twice, so it is
+        // filled, hit, and must notice every change of the index in between.
+        let mut cache = MatchCache::default();
         for op in ops {
             match op {
                 Op::Insert(f, k, v) => {
@@ -107,7 +117,9 @@ proptest! {
             for t in &topics {
                 let want = expected(&model, t);
                 prop_assert_eq!(index.any_match(t), !want.is_empty());
-                prop_assert_eq!(actual(&index, t), want, "topic {:?}", t);
+                prop_assert_eq!(&actual(&index, t), &want, "topic {:?}", t);
+                prop_assert_eq!(&cached(&index, &mut cache, t), &want, "topic {:?}, cached", t);
+                prop_assert_eq!(&cached(&index, &mut cache, t), &want, "topic {:?}, cached again", t);
             }
         }
         // Removing everything leaves an empty trie.
@@ -120,6 +132,8 @@ proptest! {
         prop_assert_eq!(index.node_count(), 1);
         for t in &topics {
             prop_assert!(!index.any_match(t));
+            // The trie was reset to a fresh arena on the way: a cached entry must not survive that.
+            prop_assert!(index.matches_cached(t, &mut cache).is_empty(), "topic {:?}, cached", t);
         }
     }
 
