@@ -177,10 +177,14 @@ unsafe impl tokio_uring::buf::IoBuf for Run {
     }
 }
 
+/// Most spare run lists a thread keeps: one per write that may be in flight at once, within reason. A
+/// list holds at most [`MAX_IOVECS`] runs (24 KiB).
+const SPARE_RUNS_MAX: usize = 64;
+
 thread_local! {
-    /// The run list of the last write on this thread, kept for the next one, so that a write batch
-    /// does not allocate it again.
-    static SPARE_RUNS: RefCell<Vec<Run>> = const { RefCell::new(Vec::new()) };
+    /// Run lists of finished writes on this thread, kept for the next ones, so that a write batch does
+    /// not allocate its list again (many writes are in flight at once on a busy core).
+    static SPARE_RUNS: RefCell<Vec<Vec<Run>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Writes all of `bufs` with io_uring writev, at most [`MAX_IOVECS`] runs of adjacent buffers per
@@ -190,11 +194,11 @@ pub(super) async fn write_all_vectored(
     bufs: Vec<Bytes>,
 ) -> (io::Result<()>, Vec<Bytes>) {
     let mut bufs = Rc::new(bufs);
-    let mut runs = SPARE_RUNS.with_borrow_mut(std::mem::take);
+    let mut runs = SPARE_RUNS.with_borrow_mut(Vec::pop).unwrap_or_default();
     // Index of the first buffer not yet written completely.
     let mut head = 0;
     let res = loop {
-        super::for_each_run(&bufs[head..], MAX_IOVECS, |ptr, len| {
+        super::for_each_run(bufs.get(head..).unwrap_or_default(), MAX_IOVECS, |ptr, len| {
             runs.push(Run { ptr, len, _bufs: bufs.clone() })
         });
         // Empty buffers make no runs: a writev of nothing would return 0, which reads as WriteZero.
@@ -208,7 +212,7 @@ pub(super) async fn write_all_vectored(
         match res {
             Ok(0) => break Err(write_zero()),
             Ok(n) => match Rc::get_mut(&mut bufs) {
-                Some(list) => head += consume(&mut list[head..], n),
+                Some(list) => head += list.get_mut(head..).map_or(0, |rest| consume(rest, n)),
                 // Cannot happen: the runs, the only other holders, were just dropped.
                 None => break Err(io::Error::other("write buffers still shared after writev")),
             },
@@ -216,7 +220,11 @@ pub(super) async fn write_all_vectored(
             Err(e) => break Err(e),
         }
     };
-    SPARE_RUNS.with_borrow_mut(|spare| *spare = runs);
+    SPARE_RUNS.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_RUNS_MAX && runs.capacity() > 0 {
+            spare.push(runs);
+        }
+    });
     let mut bufs = Rc::try_unwrap(bufs).unwrap_or_default();
     bufs.clear();
     (res, bufs)
