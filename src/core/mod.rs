@@ -42,7 +42,7 @@ use crate::xcore::{Handoff, Mesh, XMsg};
 mod durable;
 mod shared;
 pub use durable::Persister;
-use shared::{GroupViews, LocalGroups};
+use shared::{GroupViews, LocalGroups, Members, RANK_BEST};
 
 use crate::persist::Record;
 
@@ -764,45 +764,66 @@ impl Core {
     }
 
     fn announce_group(&mut self, name: &str) {
-        let (group, filter, online, total) = match self.shared_local.get(name) {
+        let (group, filter, m) = match self.shared_local.get(name) {
             Some(g) => {
-                let online = g
-                    .members
-                    .iter()
-                    .filter(|(k, _)| self.sessions.get(*k).is_some_and(|se| se.conn.is_some()))
-                    .count();
-                (g.name.clone(), g.filter.clone(), online as u32, g.members.len() as u32)
+                let mut m = Members { ready: 0, online: 0, total: g.members.len() as u32 };
+                for se in g.members.iter().filter_map(|(k, _)| self.sessions.get(*k)) {
+                    if se.conn.is_some() {
+                        m.online += 1;
+                        m.ready += u32::from(se.congested.is_none());
+                    }
+                }
+                (g.name.clone(), g.filter.clone(), m)
             }
             None => match parse_shared(name) {
-                Some(Ok((_, filter))) => (Arc::from(name), Box::from(filter), 0, 0),
+                Some(Ok((_, filter))) => (Arc::from(name), Box::from(filter), Members::default()),
                 _ => return,
             },
         };
         let cores = self.cores();
-        self.shared_views.update(cores, self.id, &group, &filter, online, total);
+        if self.shared_views.update(cores, self.id, &group, &filter, m) {
+            self.retry_held = true;
+        }
         for dst in 0..cores {
             if dst != self.id {
                 let msg = XMsg::Shared {
                     core: self.id,
                     group: group.clone(),
                     filter: filter.clone(),
-                    online,
-                    total,
+                    ready: m.ready,
+                    online: m.online,
+                    total: m.total,
                 };
                 self.mesh.stage(dst, msg);
             }
         }
     }
 
-    /// Delivers `msg` to one member of the shared group `name` on this core: an online, uncongested one
-    /// if there is one (round robin), else any (its persistent session queues the message).
-    fn deliver_shared(&mut self, name: &str, msg: &Message) {
+    /// Delivers `msg` to one member of the shared group `name` on this core: a ready one (online, not
+    /// congested) if there is one, round robin; else an online one (its queue has room beyond its limit
+    /// for what was already on its way when it congested); else any (its persistent session queues the
+    /// message). If the core has no member left (the last one left while the message was on its way),
+    /// another core with members gets it: it was acknowledged and must not be lost.
+    fn deliver_shared(&mut self, name: &Arc<str>, msg: &Message, hops: u8) {
         let sessions = &self.sessions;
-        let eligible =
-            |skey: usize| sessions.get(skey).is_some_and(|se| se.conn.is_some() && se.congested.is_none());
-        let Some((skey, o)) = self.shared_local.pick(name, eligible) else {
-            // The last member left while the message was on its way.
-            self.stats.dropped += 1;
+        let rank = |skey: usize| match sessions.get(skey) {
+            Some(se) if se.conn.is_some() && se.congested.is_none() => RANK_BEST,
+            Some(se) if se.conn.is_some() => 1,
+            _ => 0,
+        };
+        let Some((skey, o)) = self.shared_local.pick(name, rank) else {
+            let next = self.shared_views.pick_group_except(name, self.id);
+            match next {
+                Some(core) if usize::from(hops) < self.cores() => {
+                    let hops = hops + 1;
+                    self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group: name.clone(), hops });
+                    if let Some(p) = &mut self.persist {
+                        p.sent_to(core);
+                    }
+                }
+                // Nobody subscribes to the group any more: the message has no subscriber to lose it.
+                _ => self.stats.dropped += 1,
+            }
             return;
         };
         let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
@@ -1075,8 +1096,10 @@ impl Core {
         }
     }
 
+    /// Whether a QoS 1/2 PUBLISH to `topic` must be held: a matching congested subscriber, or a matching
+    /// shared group whose online members are all congested.
     fn is_congested(&self, topic: &str) -> bool {
-        !self.congested.is_empty() && self.congested.any_match(topic)
+        (!self.congested.is_empty() && self.congested.any_match(topic)) || self.shared_views.blocked(topic)
     }
 
     fn hold(&mut self, key: usize, p: Publish, now: Instant) {
@@ -1127,17 +1150,21 @@ impl Core {
             return;
         }
         for key in std::mem::take(&mut self.holding) {
-            while let Some(c) = self.conns.get_mut(key) {
-                let (Some(skey), Some(held)) = (c.session, c.held.as_mut()) else { break };
+            loop {
+                let front = self.conns.get(key).and_then(|c| Some((c.session?, c.held.as_ref()?)));
+                let Some((skey, held)) = front else { break };
                 let Some((p, _)) = held.packets.front() else {
-                    c.held = None;
+                    if let Some(c) = self.conns.get_mut(key) {
+                        c.held = None;
+                    }
                     self.released = true;
                     break;
                 };
-                if !self.congested.is_empty() && self.congested.any_match(p.topic.as_str()) {
+                if self.is_congested(p.topic.as_str()) {
                     self.holding.push(key);
                     break;
                 }
+                let Some(held) = self.conns.get_mut(key).and_then(|c| c.held.as_mut()) else { break };
                 let Some((p, received)) = held.packets.pop_front() else { break };
                 held.bytes -= p.payload.len() + p.topic.len();
                 self.released = true;
@@ -1174,7 +1201,8 @@ impl Core {
             .session
             .subscriptions
             .iter()
-            // Shared groups pick an uncongested member instead of pausing publishers.
+            // A shared group pauses its publishers only when all its online members are congested: its
+            // readiness is announced below instead.
             .filter(|(f, o)| o.qos != QoS::AtMostOnce && !f.starts_with("$share/"))
             .map(|(f, _)| f.clone())
             .collect();
@@ -1188,6 +1216,7 @@ impl Core {
                 }
             }
         }
+        self.announce_session_groups(skey);
     }
 
     fn withdraw_congestion(&mut self, skey: usize) {
@@ -1204,6 +1233,7 @@ impl Core {
             }
         }
         self.retry_held = true;
+        self.announce_session_groups(skey);
     }
 
     /// Routes a message published by a client of this core (or a will): retained store, local
@@ -1243,9 +1273,9 @@ impl Core {
         self.shared_views.pick(msg.topic.as_str(), |g, core| picks.push((g.clone(), core)));
         for (group, core) in picks {
             if core == self.id {
-                self.deliver_shared(&group, &msg);
+                self.deliver_shared(&group, &msg, 0);
             } else {
-                self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group });
+                self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group, hops: 0 });
                 if let Some(p) = &mut self.persist {
                     p.sent_to(core);
                 }
@@ -1836,11 +1866,14 @@ impl Core {
                     }
                 }
                 XMsg::Handoff(h) => self.handoffs.push(h),
-                XMsg::Shared { core, group, filter, online, total } => {
+                XMsg::Shared { core, group, filter, ready, online, total } => {
                     let cores = self.cores();
-                    self.shared_views.update(cores, core, &group, &filter, online, total);
+                    let m = Members { ready, online, total };
+                    if self.shared_views.update(cores, core, &group, &filter, m) {
+                        self.retry_held = true;
+                    }
                 }
-                XMsg::SharedPublish { msg, group } => self.deliver_shared(&group, &msg),
+                XMsg::SharedPublish { msg, group, hops } => self.deliver_shared(&group, &msg, hops),
                 XMsg::Durable { core, upto } => {
                     if let Some(p) = &mut self.persist {
                         p.confirmed_by(core, upto);

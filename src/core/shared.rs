@@ -6,8 +6,12 @@
 //!    each core announced ([`GroupViews`], kept current by `XMsg::Shared`);
 //! 2. that **core** picks one of its own members, round robin, online ones first ([`LocalGroups`]).
 //!
-//! Members receive in proportion to their number: a core with two online members is picked twice as often
-//! as one with one. Pure data structures: the core glues them to sessions and the mesh.
+//! Members receive in proportion to their number: a core with two ready members is picked twice as often
+//! as one with one. A member is *ready* when it is online and its queue is not congested (pause policy).
+//! A group with online members none of which is ready is **blocked**: its QoS 1/2 publishers are held
+//! before their acknowledgement, exactly as for a congested plain subscriber, instead of overfilling a
+//! member's queue until it drops acknowledged messages. Pure data structures: the core glues them to
+//! sessions and the mesh.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,6 +27,8 @@ struct GroupView {
     filter: Box<str>,
     /// Online members per core.
     online: Vec<u32>,
+    /// Online members that can take a QoS 1/2 message now (not congested), per core.
+    ready: Vec<u32>,
     /// All members (online or not) per core.
     total: Vec<u32>,
     /// Round-robin position over the online members of all cores.
@@ -35,28 +41,36 @@ pub struct GroupViews {
     groups: Slab<GroupView>,
     by_name: HashMap<Arc<str>, usize>,
     index: SubscriptionIndex<usize, ()>,
+    /// How many groups are blocked: while 0, [`GroupViews::blocked`] costs nothing.
+    blocked: usize,
 }
+
+/// What one core announces of its members of one group.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Members {
+    /// Ready to take a QoS 1/2 message: online and not congested.
+    pub ready: u32,
+    pub online: u32,
+    /// Online or not.
+    pub total: u32,
+}
+
+
 
 impl GroupViews {
     /// Records what `core` announced for the group `name` (`$share/{group}/{filter}`, with `filter` its
-    /// filter). A group whose members are all gone is forgotten.
-    pub fn update(
-        &mut self,
-        cores: usize,
-        core: usize,
-        name: &Arc<str>,
-        filter: &str,
-        online: u32,
-        total: u32,
-    ) {
+    /// filter). A group whose members are all gone is forgotten. Returns whether the group was blocked
+    /// before and is not now: held publishers may go on.
+    pub fn update(&mut self, cores: usize, core: usize, name: &Arc<str>, filter: &str, m: Members) -> bool {
         let slot = match self.by_name.get(name) {
             Some(&slot) => slot,
-            None if total == 0 => return,
+            None if m.total == 0 => return false,
             None => {
                 let slot = self.groups.insert(GroupView {
                     name: name.clone(),
                     filter: filter.into(),
                     online: vec![0; cores],
+                    ready: vec![0; cores],
                     total: vec![0; cores],
                     next: 0,
                 });
@@ -65,22 +79,58 @@ impl GroupViews {
                 slot
             }
         };
-        let Some(g) = self.groups.get_mut(slot) else { return };
-        if let (Some(o), Some(t)) = (g.online.get_mut(core), g.total.get_mut(core)) {
-            *o = online;
-            *t = total;
+        let Some(g) = self.groups.get_mut(slot) else { return false };
+        let was = g.is_blocked();
+        if let (Some(r), Some(o), Some(t)) = (g.ready.get_mut(core), g.online.get_mut(core), g.total.get_mut(core)) {
+            *r = m.ready.min(m.online);
+            *o = m.online;
+            *t = m.total;
         }
-        if g.total.iter().all(|&t| t == 0) {
+        let gone = g.total.iter().all(|&t| t == 0);
+        let now = !gone && g.is_blocked();
+        if gone {
             let g = self.groups.remove(slot);
             self.by_name.remove(&g.name);
             self.index.remove(&g.filter, slot);
         }
+        match (was, now) {
+            (false, true) => self.blocked += 1,
+            (true, false) => self.blocked -= 1,
+            _ => {}
+        }
+        was && !now
+    }
+
+    /// Whether a QoS 1/2 message to `topic` must wait: some matching group has online members and none
+    /// of them can take it (all congested).
+    pub fn blocked(&self, topic: &str) -> bool {
+        if self.blocked == 0 {
+            return false;
+        }
+        let mut blocked = false;
+        self.index.for_each_match(topic, |slot, _| {
+            blocked |= self.groups.get(slot).is_some_and(|g| g.is_blocked());
+        });
+        blocked
     }
 
     /// Calls `f(group name, core)` once for every group with a filter matching `topic`, with the core that
-    /// should deliver to it: one with online members, in proportion to their number; if none is online,
+    /// should deliver to it: one with ready members, in proportion to their number; if none is ready, one
+    /// with online members (a QoS 0 message, or a QoS 1/2 one already past the hold); if none is online,
     /// one with members at all (their persistent sessions queue the message).
-    pub fn pick(&mut self, topic: &str, mut f: impl FnMut(&Arc<str>, usize)) {
+    pub fn pick(&mut self, topic: &str, f: impl FnMut(&Arc<str>, usize)) {
+        self.pick_except(topic, None, f);
+    }
+
+    /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (which found no member
+    /// of its own when the message arrived). Returns the core, if any other has members.
+    pub fn pick_group_except(&mut self, name: &str, except: usize) -> Option<usize> {
+        let &slot = self.by_name.get(name)?;
+        let g = self.groups.get_mut(slot)?;
+        g.pick(Some(except))
+    }
+
+    fn pick_except(&mut self, topic: &str, except: Option<usize>, mut f: impl FnMut(&Arc<str>, usize)) {
         if self.groups.is_empty() {
             return;
         }
@@ -88,19 +138,8 @@ impl GroupViews {
         self.index.for_each_match(topic, |slot, _| slots.push(slot));
         for slot in slots {
             let Some(g) = self.groups.get_mut(slot) else { continue };
-            let counts = if g.online.iter().any(|&n| n > 0) { &g.online } else { &g.total };
-            let sum: u64 = counts.iter().map(|&n| u64::from(n)).sum();
-            if sum == 0 {
-                continue;
-            }
-            let mut at = g.next % sum;
-            g.next = g.next.wrapping_add(1);
-            for (core, &n) in counts.iter().enumerate() {
-                if at < u64::from(n) {
-                    f(&g.name, core);
-                    break;
-                }
-                at -= u64::from(n);
+            if let Some(core) = g.pick(except) {
+                f(&g.name, core);
             }
         }
     }
@@ -110,6 +149,33 @@ impl GroupViews {
         !self.groups.is_empty() && self.index.any_match(topic)
     }
 }
+
+impl GroupView {
+    fn is_blocked(&self) -> bool {
+        self.online.iter().any(|&n| n > 0) && self.ready.iter().all(|&n| n == 0)
+    }
+
+    /// One core, in proportion to its members of the best kind present (ready, else online, else any),
+    /// round robin; never `except`.
+    fn pick(&mut self, except: Option<usize>) -> Option<usize> {
+        let count = |v: &[u32], core: usize| if Some(core) == except { 0 } else { u64::from(v[core]) };
+        let sum = |v: &[u32]| (0..v.len()).map(|c| count(v, c)).sum::<u64>();
+        let counts = [&self.ready, &self.online, &self.total].into_iter().find(|v| sum(v) > 0)?;
+        let mut at = self.next % sum(counts);
+        self.next = self.next.wrapping_add(1);
+        for core in 0..counts.len() {
+            let n = count(counts, core);
+            if at < n {
+                return Some(core);
+            }
+            at -= n;
+        }
+        None
+    }
+}
+
+/// The highest rank [`LocalGroups::pick`] knows: the first member found with it is taken.
+pub const RANK_BEST: u8 = 2;
 
 /// One group's members on this core.
 pub struct LocalGroup {
@@ -173,25 +239,27 @@ impl LocalGroups {
         self.by_name.get(name).and_then(|&slot| self.groups.get(slot))
     }
 
-    /// The member to deliver the next message of group `name` to: round robin over those `eligible`
-    /// accepts (online and not congested), else over every member; `None` without members.
-    pub fn pick(&mut self, name: &str, eligible: impl Fn(usize) -> bool) -> Option<(usize, SubOpts)> {
+    /// The member to deliver the next message of group `name` to: round robin over the members of the
+    /// highest `rank` present, [`RANK_BEST`] being the highest (the core ranks ready members over online
+    /// congested ones over offline ones); `None` without members.
+    pub fn pick(&mut self, name: &str, rank: impl Fn(usize) -> u8) -> Option<(usize, SubOpts)> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
         let n = g.members.len();
-        if n == 0 {
-            return None;
-        }
         let start = g.next;
+        let mut best: Option<(u8, usize)> = None;
         for i in 0..n {
-            let m = g.members[(start + i) % n];
-            if eligible(m.0) {
-                g.next = (start + i + 1) % n;
-                return Some(m);
+            let r = rank(g.members[(start + i) % n].0);
+            if !matches!(best, Some((b, _)) if b >= r) {
+                best = Some((r, i));
+            }
+            if r >= RANK_BEST {
+                break;
             }
         }
-        g.next = (start + 1) % n;
-        g.members.get(start % n).copied()
+        let (_, i) = best?;
+        g.next = (start + i + 1) % n;
+        g.members.get((start + i) % n).copied()
     }
 }
 
@@ -204,12 +272,16 @@ mod tests {
         SubOpts::qos(QoS::AtLeastOnce)
     }
 
+    fn m(ready: u32, online: u32, total: u32) -> Members {
+        Members { ready, online, total }
+    }
+
     #[test]
     fn views_pick_cores_in_proportion_to_online_members() {
         let mut v = GroupViews::default();
         let name: Arc<str> = "$share/g/a/+".into();
-        v.update(2, 0, &name, "a/+", 1, 1);
-        v.update(2, 1, &name, "a/+", 2, 3);
+        v.update(2, 0, &name, "a/+", m(1, 1, 1));
+        v.update(2, 1, &name, "a/+", m(2, 2, 3));
         let mut per_core = [0; 2];
         for _ in 0..300 {
             let mut n = 0;
@@ -225,14 +297,48 @@ mod tests {
         v.pick("b/x", |_, _| hit = true);
         assert!(!hit);
         // Nobody online: the core with (offline) members still gets it.
-        v.update(2, 0, &name, "a/+", 0, 0);
-        v.update(2, 1, &name, "a/+", 0, 3);
+        v.update(2, 0, &name, "a/+", m(0, 0, 0));
+        v.update(2, 1, &name, "a/+", m(0, 0, 3));
         let mut cores = Vec::new();
         v.pick("a/x", |_, c| cores.push(c));
         assert_eq!(cores, [1]);
         // All gone: forgotten.
-        v.update(2, 1, &name, "a/+", 0, 0);
+        v.update(2, 1, &name, "a/+", m(0, 0, 0));
         assert!(!v.any_match("a/x"));
+    }
+
+    #[test]
+    fn a_group_whose_online_members_are_all_congested_is_blocked() {
+        let mut v = GroupViews::default();
+        let name: Arc<str> = "$share/g/a/#".into();
+        v.update(2, 0, &name, "a/#", m(1, 1, 1));
+        v.update(2, 1, &name, "a/#", m(0, 2, 2));
+        assert!(!v.blocked("a/x"));
+        // Only core 0's member is ready: every pick goes there.
+        let mut cores = Vec::new();
+        for _ in 0..4 {
+            v.pick("a/x", |_, c| cores.push(c));
+        }
+        assert_eq!(cores, [0, 0, 0, 0]);
+        // Core 0's member congests too: blocked; a pick still names an online core (QoS 0).
+        assert!(!v.update(2, 0, &name, "a/#", m(0, 1, 1)));
+        assert!(v.blocked("a/x") && v.blocked("a/b/c") && !v.blocked("b"));
+        // One drains: unblocked, and update says so.
+        assert!(v.update(2, 1, &name, "a/#", m(1, 2, 2)));
+        assert!(!v.blocked("a/x"));
+        // Every member offline: not blocked (offline sessions queue, or drop the newest, by policy).
+        v.update(2, 0, &name, "a/#", m(0, 0, 1));
+        v.update(2, 1, &name, "a/#", m(0, 0, 2));
+        assert!(!v.blocked("a/x"));
+        // A core that found no member of its own asks for another.
+        assert_eq!(v.pick_group_except("$share/g/a/#", 1), Some(0));
+        v.update(2, 0, &name, "a/#", m(0, 0, 0));
+        assert_eq!(v.pick_group_except("$share/g/a/#", 1), None);
+        // Blocked and then forgotten: the count of blocked groups goes back to 0.
+        v.update(2, 1, &name, "a/#", m(0, 1, 1));
+        assert!(v.blocked("a/x"));
+        v.update(2, 1, &name, "a/#", m(0, 0, 0));
+        assert!(!v.blocked("a/x") && v.blocked == 0);
     }
 
     #[test]
@@ -241,18 +347,22 @@ mod tests {
         l.join("$share/g/a", "a", 1, opts());
         l.join("$share/g/a", "a", 2, opts());
         l.join("$share/g/a", "a", 3, opts());
-        let picks: Vec<usize> = (0..6).map(|_| l.pick("$share/g/a", |_| true).unwrap().0).collect();
+        let picks: Vec<usize> = (0..6).map(|_| l.pick("$share/g/a", |_| RANK_BEST).unwrap().0).collect();
         assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
-        // Member 2 offline: skipped.
-        let picks: Vec<usize> = (0..4).map(|_| l.pick("$share/g/a", |k| k != 2).unwrap().0).collect();
+        // Member 2 not ready: skipped while others are.
+        let rank = |k| if k == 2 { 1 } else { RANK_BEST };
+        let picks: Vec<usize> = (0..4).map(|_| l.pick("$share/g/a", rank).unwrap().0).collect();
         assert!(!picks.contains(&2) && picks.contains(&1) && picks.contains(&3));
-        // Nobody eligible: still one of them (a persistent session queues it).
-        assert!(l.pick("$share/g/a", |_| false).is_some());
+        // Only member 2 online (congested), the others offline: member 2 of the three.
+        let rank = |k| if k == 2 { 1 } else { 0 };
+        assert!((0..4).all(|_| l.pick("$share/g/a", rank).unwrap().0 == 2));
+        // Nobody online: still one of them (a persistent session queues it).
+        assert!(l.pick("$share/g/a", |_| 0).is_some());
         assert!(l.leave("$share/g/a", 2).is_some());
         assert!(l.leave("$share/g/a", 2).is_none());
         l.leave("$share/g/a", 1);
         l.leave("$share/g/a", 3);
         assert!(l.get("$share/g/a").is_none());
-        assert!(l.pick("$share/g/a", |_| true).is_none());
+        assert!(l.pick("$share/g/a", |_| RANK_BEST).is_none());
     }
 }

@@ -40,10 +40,11 @@ pub enum XMsg {
     /// core (the home core of its client id).
     Handoff(Handoff),
     /// The sending core's members of the shared group `group` (`$share/{g}/{filter}`): how many are
-    /// online, how many in all.
-    Shared { core: usize, group: Arc<str>, filter: Box<str>, online: u32, total: u32 },
+    /// ready (online and not congested), how many online, how many in all.
+    Shared { core: usize, group: Arc<str>, filter: Box<str>, ready: u32, online: u32, total: u32 },
     /// The publishing core picked the destination core to deliver `msg` to one member of `group`.
-    SharedPublish { msg: Message, group: Arc<str> },
+    /// `hops`: how many cores found no member of their own and passed it on (bounded by the core count).
+    SharedPublish { msg: Message, group: Arc<str>, hops: u8 },
     /// Persistence with `fsync = "always"`: the sending core's log is durable past everything the first
     /// `upto` publishes (`Publish` and `SharedPublish`) from the destination core changed.
     Durable { core: usize, upto: u64 },
