@@ -34,8 +34,8 @@ use crate::protocol::{
 use crate::session::{Delivered, Limits, Message, MsgProps, OutFrame, Outbox, Session, SubIds, SubOpts};
 use crate::stats::Stats;
 use crate::topic::{
-    level_count, parse_shared, valid_topic_filter, valid_topic_name, MatchCache, RetainedTree,
-    SubscriptionIndex,
+    level_count, matches as topic_matches, parse_shared, valid_topic_filter, valid_topic_name, MatchCache,
+    RetainedTree, SubscriptionIndex,
 };
 use crate::xcore::{Handoff, Mesh, XMsg};
 
@@ -812,23 +812,32 @@ impl Core {
             _ => 0,
         };
         let Some((skey, o)) = self.shared_local.pick(name, rank) else {
-            let next = self.shared_views.pick_group_except(name, self.id);
-            match next {
-                Some(core) if usize::from(hops) < self.cores() => {
-                    let hops = hops + 1;
-                    self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group: name.clone(), hops });
-                    if let Some(p) = &mut self.persist {
-                        p.sent_to(core);
-                    }
-                }
-                // Nobody subscribes to the group any more: the message has no subscriber to lose it.
-                _ => self.stats.dropped += 1,
+            if usize::from(hops) < self.cores() {
+                self.send_to_group(name, msg.clone(), Some(self.id), hops + 1);
+            } else {
+                self.stats.dropped += 1;
             }
             return;
         };
         let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
         let retain = msg.retain && o.retain_as_published;
         self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut SharedFrames::default(), &mut None);
+    }
+
+    /// Sends `msg` to one member of the shared group `name`, on whichever core the views pick (never
+    /// `except`). A message for a group nobody subscribes to any more is counted as dropped: it has no
+    /// subscriber to lose it.
+    fn send_to_group(&mut self, name: &Arc<str>, msg: Message, except: Option<usize>, hops: u8) {
+        match self.shared_views.pick_group(name, except) {
+            Some(core) if core == self.id => self.deliver_shared(name, &msg, hops),
+            Some(core) => {
+                self.mesh.stage(core, XMsg::SharedPublish { msg, group: name.clone(), hops });
+                if let Some(p) = &mut self.persist {
+                    p.sent_to(core);
+                }
+            }
+            None => self.stats.dropped += 1,
+        }
     }
 
     /// Handles one packet from an established connection.
@@ -1565,11 +1574,13 @@ impl Core {
         if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
             self.log(Record::SessionEnd { sid });
         }
-        let se = self.sessions.remove(skey);
+        let mut se = self.sessions.remove(skey);
+        let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
         for filter in se.session.subscriptions.keys() {
             if filter.starts_with("$share/") {
-                if self.shared_local.leave(filter, skey).is_some() {
+                if let Some(name) = self.shared_local.leave(filter, skey) {
                     self.announce_group(filter);
+                    groups.push(name);
                 }
                 continue;
             }
@@ -1579,6 +1590,40 @@ impl Core {
         }
         if self.by_client.get(&se.session.client_id) == Some(&skey) {
             self.by_client.remove(&se.session.client_id);
+        }
+        if !groups.is_empty() {
+            self.redispatch(&mut se.session, &groups);
+        }
+    }
+
+    /// A member of shared groups ended its session with messages it had not acknowledged or not yet been
+    /// sent: each goes to another member of its group (MQTT 5.0 §4.8.2: the server SHOULD send it to
+    /// another client of the shared subscription), so that a member leaving under load loses nothing
+    /// that was acknowledged to its publisher. A message is given to the first of the session's groups
+    /// whose filter matches its topic, unless one of the session's plain subscriptions matches it too
+    /// (then the copy may have been the plain subscription's, and it ends with the session).
+    fn redispatch(&mut self, session: &mut Session, groups: &[Arc<str>]) {
+        let plain: SmallVec<[Box<str>; 4]> =
+            session.subscriptions.keys().filter(|f| !f.starts_with("$share/")).cloned().collect();
+        let filters: SmallVec<[(&Arc<str>, &str); 2]> = groups
+            .iter()
+            .filter_map(|g| match parse_shared(g) {
+                Some(Ok((_, inner))) => Some((g, inner)),
+                _ => None,
+            })
+            .collect();
+        let mut moved: SmallVec<[(Arc<str>, Message); 8]> = SmallVec::new();
+        for msg in session.take_undelivered() {
+            let topic = msg.topic.as_str();
+            if plain.iter().any(|f| topic_matches(f, topic)) {
+                continue;
+            }
+            if let Some((g, _)) = filters.iter().find(|(_, f)| topic_matches(f, topic)) {
+                moved.push(((*g).clone(), msg));
+            }
+        }
+        for (g, msg) in moved {
+            self.send_to_group(&g, msg, None, 0);
         }
     }
 

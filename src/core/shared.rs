@@ -55,8 +55,6 @@ pub struct Members {
     pub total: u32,
 }
 
-
-
 impl GroupViews {
     /// Records what `core` announced for the group `name` (`$share/{group}/{filter}`, with `filter` its
     /// filter). A group whose members are all gone is forgotten. Returns whether the group was blocked
@@ -81,7 +79,9 @@ impl GroupViews {
         };
         let Some(g) = self.groups.get_mut(slot) else { return false };
         let was = g.is_blocked();
-        if let (Some(r), Some(o), Some(t)) = (g.ready.get_mut(core), g.online.get_mut(core), g.total.get_mut(core)) {
+        if let (Some(r), Some(o), Some(t)) =
+            (g.ready.get_mut(core), g.online.get_mut(core), g.total.get_mut(core))
+        {
             *r = m.ready.min(m.online);
             *o = m.online;
             *t = m.total;
@@ -122,12 +122,12 @@ impl GroupViews {
         self.pick_except(topic, None, f);
     }
 
-    /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (which found no member
-    /// of its own when the message arrived). Returns the core, if any other has members.
-    pub fn pick_group_except(&mut self, name: &str, except: usize) -> Option<usize> {
+    /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (one that found no
+    /// member of its own when the message arrived). Returns the core, if any has members.
+    pub fn pick_group(&mut self, name: &str, except: Option<usize>) -> Option<usize> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
-        g.pick(Some(except))
+        g.pick(except)
     }
 
     fn pick_except(&mut self, topic: &str, except: Option<usize>, mut f: impl FnMut(&Arc<str>, usize)) {
@@ -331,9 +331,9 @@ mod tests {
         v.update(2, 1, &name, "a/#", m(0, 0, 2));
         assert!(!v.blocked("a/x"));
         // A core that found no member of its own asks for another.
-        assert_eq!(v.pick_group_except("$share/g/a/#", 1), Some(0));
+        assert_eq!(v.pick_group("$share/g/a/#", Some(1)), Some(0));
         v.update(2, 0, &name, "a/#", m(0, 0, 0));
-        assert_eq!(v.pick_group_except("$share/g/a/#", 1), None);
+        assert_eq!(v.pick_group("$share/g/a/#", Some(1)), None);
         // Blocked and then forgotten: the count of blocked groups goes back to 0.
         v.update(2, 1, &name, "a/#", m(0, 1, 1));
         assert!(v.blocked("a/x"));

@@ -671,6 +671,17 @@ impl Session {
         self.pump(out);
     }
 
+    /// Ends the session's outbound flows and hands back every message it has not delivered for sure:
+    /// those in flight whose receipt the client has not acknowledged (no PUBACK, no PUBREC), in send
+    /// order, then the queue. A shared subscription's messages go on to another member this way when a
+    /// member's session ends (MQTT 5.0 §4.8.2).
+    pub fn take_undelivered(&mut self) -> impl Iterator<Item = Message> + '_ {
+        self.queued_bytes = 0;
+        self.expiring = 0;
+        let inflight = self.inflight.drain(..).filter_map(|f| f.msg);
+        inflight.chain(self.queue.drain(..).map(|q| q.msg))
+    }
+
     /// Outbound QoS 1/2 messages sent and not yet completed.
     pub fn inflight_len(&self) -> usize {
         self.inflight.len()

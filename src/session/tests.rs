@@ -1000,3 +1000,29 @@ proptest! {
         prop_assert_eq!(s.dropped, dropped);
     }
 }
+
+/// A session that ends hands back what it has not delivered for sure (for a shared subscription's other
+/// members): unacknowledged flows in send order, then the queue; not what the client acknowledged the
+/// receipt of (PUBACK, or PUBREC for QoS 2).
+#[test]
+fn take_undelivered_returns_unacknowledged_then_queued() {
+    let mut s = session(limits(3, 100, 1 << 20));
+    let mut out = Outbox::new();
+    for id in 1..=6 {
+        let qos = if id % 2 == 0 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+        give(&mut s, id, 8, qos, Some(&mut out));
+    }
+    let frames = drain(&mut out);
+    let pkid = |want: u32| {
+        frames.iter().find_map(|f| match f {
+            F::Pub { id, pkid, .. } if *id == want => Some(*pkid),
+            _ => None,
+        })
+    };
+    // 1 acknowledged (PUBACK), 2 received (PUBREC): both delivered; 3 is still unacknowledged.
+    s.on_puback(pkid(1).expect("1 sent"), &mut out);
+    s.on_pubrec(pkid(2).expect("2 sent"), &mut out);
+    let left: Vec<u32> = s.take_undelivered().map(|m| id_of(&m)).collect();
+    assert_eq!(left, [3, 4, 5, 6]);
+    assert_eq!((s.inflight_len(), s.queued_len(), s.queued_bytes()), (0, 0, 0));
+}
