@@ -430,6 +430,9 @@ pub struct Core {
     shared_views: GroupViews,
     /// The shared groups this core's sessions belong to.
     shared_local: LocalGroups,
+    /// Deliveries now are a new subscription's retained messages: QoS 1/2 ones are queued past the
+    /// session's limits (`Session::deliver_backlog`) rather than dropped.
+    subscribing: bool,
     /// Persistence (`[persistence] enabled`): this core's log.
     pub persist: Option<Persister>,
     /// Connections the broker closed after queueing a v5 DISCONNECT: their writer flushes it, and they are
@@ -543,6 +546,7 @@ impl Core {
             lingering: Vec::new(),
             shared_views: GroupViews::default(),
             shared_local: LocalGroups::default(),
+            subscribing: false,
             persist: None,
         }
     }
@@ -1415,9 +1419,11 @@ impl Core {
                     msg.clone()
                 };
                 let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
-                if se.session.deliver_with(m, qos, retain, sub_ids, guard.as_deref_mut())
-                    == Delivered::Dropped
-                {
+                let delivered = match guard.as_deref_mut() {
+                    Some(out) if self.subscribing => se.session.deliver_backlog(m, qos, sub_ids, out),
+                    out => se.session.deliver_with(m, qos, retain, sub_ids, out),
+                };
+                if delivered == Delivered::Dropped {
                     self.stats.dropped += 1;
                 }
                 let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
@@ -1518,12 +1524,14 @@ impl Core {
         // In-broker latency of a retained message starts when the subscription asks for it, not when
         // it was published: restamp it so the histogram stays meaningful.
         let now = Instant::now();
+        self.subscribing = true;
         for (mut m, opts) in found {
             let qos = m.qos.min(opts.qos);
             m.received = now;
             let ids: SubIds = if opts.id != 0 { smallvec::smallvec![opts.id] } else { SubIds::new() };
             self.deliver_to(skey, &m, qos, true, ids, &mut SharedFrames::default(), &mut None);
         }
+        self.subscribing = false;
         Flow::Continue
     }
 

@@ -148,6 +148,9 @@ struct Queued {
     msg: Message,
     qos: QoS,
     retain: bool,
+    /// A retained message sent because of a new subscription, queued past the limits (see
+    /// [`Session::deliver_backlog`]).
+    backlog: bool,
     sub_ids: SubIds,
 }
 
@@ -236,7 +239,11 @@ pub struct Session {
     /// Messages dropped because the queue was full, over the session's life.
     pub dropped: u64,
     /// Queued messages that have an expiry: [`Session::expire`] has nothing to do while it is 0.
-    expiring: usize,
+    expiring: u32,
+    /// Queued messages (and their payload bytes) that came with a new subscription's retained messages
+    /// ([`Session::deliver_backlog`]): the limits for the messages that follow them do not count them.
+    backlog: u32,
+    backlog_bytes: usize,
     /// The number of the next message handed to the session.
     next_seq: u64,
     /// Changes since the journal was last drained; `None` unless persistence asked for it.
@@ -259,6 +266,8 @@ impl Session {
             inbound_qos2: InboundIds::default(),
             dropped: 0,
             expiring: 0,
+            backlog: 0,
+            backlog_bytes: 0,
             next_seq: 0,
             journal: None,
         }
@@ -292,15 +301,12 @@ impl Session {
                 if msg.expires() {
                     self.expiring += 1;
                 }
-                self.queue.push_back(Queued { seq, msg, qos, retain, sub_ids });
+                self.queue.push_back(Queued { seq, msg, qos, retain, backlog: false, sub_ids });
             }
             Change::Sent { seq, pkid } => {
                 let Some(i) = self.queue.iter().position(|q| q.seq == seq) else { return };
                 let Some(q) = self.queue.remove(i) else { return };
-                self.queued_bytes -= q.msg.payload.len();
-                if q.msg.expires() {
-                    self.expiring -= 1;
-                }
+                self.left_queue(&q);
                 if pkid != 0 {
                     let stage =
                         if q.qos == QoS::AtLeastOnce { Stage::AwaitPubAck } else { Stage::AwaitPubRec };
@@ -333,10 +339,7 @@ impl Session {
             Change::Dropped { seq } => {
                 if let Some(i) = self.queue.iter().position(|q| q.seq == seq) {
                     if let Some(q) = self.queue.remove(i) {
-                        self.queued_bytes -= q.msg.payload.len();
-                        if q.msg.expires() {
-                            self.expiring -= 1;
-                        }
+                        self.left_queue(&q);
                     }
                 }
             }
@@ -406,10 +409,30 @@ impl Session {
         sub_ids: SubIds,
         out: Option<&mut Outbox>,
     ) -> Delivered {
+        self.hand(Queued { seq: 0, msg, qos, retain, backlog: false, sub_ids }, out)
+    }
+
+    /// A retained message for a subscription just made, to the online client: queued even past the
+    /// limits, which the messages after it are then measured without. A subscription to `#` may match
+    /// more retained messages than any queue limit; dropping them, or letting them take the room the
+    /// live messages already on their way need, would lose acknowledged messages. They cost no payload
+    /// memory (the retained store's payloads are shared), and the full queue pauses publishers as usual.
+    pub fn deliver_backlog(
+        &mut self,
+        msg: Message,
+        qos: QoS,
+        sub_ids: SubIds,
+        out: &mut Outbox,
+    ) -> Delivered {
+        self.hand(Queued { seq: 0, msg, qos, retain: true, backlog: true, sub_ids }, Some(out))
+    }
+
+    fn hand(&mut self, mut q: Queued, out: Option<&mut Outbox>) -> Delivered {
+        q.seq = self.next_seq;
+        self.next_seq += 1;
         match out {
-            Some(out) if self.queue.is_empty() && self.window_open(qos) => {
-                let seq = self.next_seq;
-                self.next_seq += 1;
+            Some(out) if self.queue.is_empty() && self.window_open(q.qos) => {
+                let Queued { seq, msg, qos, retain, sub_ids, .. } = q;
                 if qos != QoS::AtMostOnce {
                     self.record(|| Change::Enqueued {
                         seq,
@@ -422,12 +445,7 @@ impl Session {
                 self.send(seq, msg, qos, retain, sub_ids, out);
                 Delivered::Sent
             }
-            out => {
-                let online = out.is_some();
-                let seq = self.next_seq;
-                self.next_seq += 1;
-                self.enqueue(Queued { seq, msg, qos, retain, sub_ids }, online)
-            }
+            out => self.enqueue(q, out.is_some()),
         }
     }
 
@@ -443,22 +461,41 @@ impl Session {
         if self.expiring == 0 {
             return;
         }
-        let before = self.queue.len();
-        let mut bytes = 0;
+        // One pass, with the bookkeeping of `left_queue` summed: this runs on every acknowledgement while
+        // some queued message has an expiry.
+        let (mut gone, mut bytes, mut backlog, mut backlog_bytes) = (0, 0, 0, 0);
         let journal = &mut self.journal;
         self.queue.retain(|q| {
-            let keep = !q.msg.expired(now);
-            if !keep {
-                bytes += q.msg.payload.len();
-                if let Some(j) = journal {
-                    j.push(Change::Dropped { seq: q.seq });
-                }
+            if !q.msg.expired(now) {
+                return true;
             }
-            keep
+            gone += 1;
+            bytes += q.msg.payload.len();
+            if q.backlog {
+                backlog += 1;
+                backlog_bytes += q.msg.payload.len();
+            }
+            if let Some(j) = journal {
+                j.push(Change::Dropped { seq: q.seq });
+            }
+            false
         });
-        let gone = before - self.queue.len();
         self.queued_bytes -= bytes;
         self.expiring -= gone;
+        self.backlog -= backlog;
+        self.backlog_bytes -= backlog_bytes;
+    }
+
+    /// Bookkeeping for a message that left the queue.
+    fn left_queue(&mut self, q: &Queued) {
+        self.queued_bytes -= q.msg.payload.len();
+        if q.msg.expires() {
+            self.expiring -= 1;
+        }
+        if q.backlog {
+            self.backlog -= 1;
+            self.backlog_bytes -= q.msg.payload.len();
+        }
     }
 
     /// The queue is full: under the pause policy, publishers of messages for this session must wait
@@ -488,9 +525,11 @@ impl Session {
         let len = q.msg.payload.len();
         let (extra_msgs, extra_bytes) =
             if online { (self.limits.overflow_messages, self.limits.overflow_bytes) } else { (0, 0) };
-        if self.queue.len() >= self.limits.max_queued_messages.saturating_add(extra_msgs)
-            || self.queued_bytes.saturating_add(len)
-                > self.limits.max_queued_bytes.saturating_add(extra_bytes)
+        let queued = self.queue.len() - self.backlog as usize;
+        let bytes = self.queued_bytes - self.backlog_bytes;
+        if !q.backlog
+            && (queued >= self.limits.max_queued_messages.saturating_add(extra_msgs)
+                || bytes.saturating_add(len) > self.limits.max_queued_bytes.saturating_add(extra_bytes))
         {
             self.dropped += 1;
             return Delivered::Dropped;
@@ -498,6 +537,10 @@ impl Session {
         self.queued_bytes += len;
         if q.msg.expires() {
             self.expiring += 1;
+        }
+        if q.backlog {
+            self.backlog += 1;
+            self.backlog_bytes += len;
         }
         self.record(|| Change::Enqueued {
             seq: q.seq,
@@ -548,10 +591,7 @@ impl Session {
                 break;
             }
             let Some(q) = self.queue.pop_front() else { break };
-            self.queued_bytes -= q.msg.payload.len();
-            if q.msg.expires() {
-                self.expiring -= 1;
-            }
+            self.left_queue(&q);
             if q.qos == QoS::AtMostOnce {
                 self.record(|| Change::Sent { seq: q.seq, pkid: 0 });
             }
@@ -678,6 +718,8 @@ impl Session {
     pub fn take_undelivered(&mut self) -> impl Iterator<Item = Message> + '_ {
         self.queued_bytes = 0;
         self.expiring = 0;
+        self.backlog = 0;
+        self.backlog_bytes = 0;
         let inflight = self.inflight.drain(..).filter_map(|f| f.msg);
         inflight.chain(self.queue.drain(..).map(|q| q.msg))
     }

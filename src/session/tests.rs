@@ -1026,3 +1026,34 @@ fn take_undelivered_returns_unacknowledged_then_queued() {
     assert_eq!(left, [3, 4, 5, 6]);
     assert_eq!((s.inflight_len(), s.queued_len(), s.queued_bytes()), (0, 0, 0));
 }
+
+/// A new subscription's retained messages are queued past the limits, and the live messages after
+/// them are measured against the limits without them: neither kind is dropped for the backlog.
+#[test]
+fn retained_backlog_is_queued_past_the_limits_and_not_counted_against_live_messages() {
+    let mut s = session(Limits { overflow_messages: 2, ..limits(1, 4, 1 << 20) });
+    let mut out = Outbox::new();
+    for id in 0..20 {
+        let d =
+            s.deliver_backlog(msg(id, 8, QoS::AtLeastOnce), QoS::AtLeastOnce, Default::default(), &mut out);
+        assert_ne!(d, Delivered::Dropped, "retained message {id}");
+    }
+    assert_eq!(s.queued_len(), 19, "one in flight, the rest queued past the limit of 4");
+    assert!(s.congested(), "a queue this long pauses publishers");
+    // Live messages: the limit (4) plus the overflow (2) still fits beside the backlog, then drops.
+    for id in 100..106 {
+        assert_eq!(give(&mut s, id, 8, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued, "live {id}");
+    }
+    assert_eq!(give(&mut s, 106, 8, QoS::AtLeastOnce, Some(&mut out)), Delivered::Dropped);
+    // Everything queued goes out in order as the client acknowledges: the backlog first.
+    let mut sent = Vec::new();
+    loop {
+        let frames = drain(&mut out);
+        let Some(F::Pub { id, pkid, .. }) = frames.first().cloned() else { break };
+        sent.push(id);
+        s.on_puback(pkid, &mut out);
+    }
+    let want: Vec<u32> = (0..20).chain(100..106).collect();
+    assert_eq!(sent, want);
+    assert_eq!((s.queued_len(), s.queued_bytes()), (0, 0));
+}
