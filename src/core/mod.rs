@@ -815,14 +815,23 @@ impl Core {
             Some(se) if se.conn.is_some() => 1,
             _ => 0,
         };
-        let Some((skey, o)) = self.shared_local.pick(name, rank) else {
-            if usize::from(hops) < self.cores() {
+        let may_pass = usize::from(hops) < self.cores();
+        let Some((skey, o, rank)) = self.shared_local.pick(name, rank) else {
+            if may_pass {
                 self.send_to_group(name, msg.clone(), Some(self.id), hops + 1);
             } else {
                 self.stats.dropped += 1;
             }
             return;
         };
+        // None of this core's members is ready (its view was older than the publisher's): a core that
+        // has a ready one gets it rather than a congested or offline queue.
+        if rank < RANK_BEST && may_pass {
+            if let Some(core) = self.shared_views.pick_ready_elsewhere(name, self.id) {
+                self.stage_shared(core, name, msg.clone(), hops + 1);
+                return;
+            }
+        }
         let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
         let retain = msg.retain && o.retain_as_published;
         self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut SharedFrames::default(), &mut None);
@@ -834,13 +843,16 @@ impl Core {
     fn send_to_group(&mut self, name: &Arc<str>, msg: Message, except: Option<usize>, hops: u8) {
         match self.shared_views.pick_group(name, except) {
             Some(core) if core == self.id => self.deliver_shared(name, &msg, hops),
-            Some(core) => {
-                self.mesh.stage(core, XMsg::SharedPublish { msg, group: name.clone(), hops });
-                if let Some(p) = &mut self.persist {
-                    p.sent_to(core);
-                }
-            }
+            Some(core) => self.stage_shared(core, name, msg, hops),
             None => self.stats.dropped += 1,
+        }
+    }
+
+    /// Sends `msg` to `core` for one member of the shared group `name` there.
+    fn stage_shared(&mut self, core: usize, name: &Arc<str>, msg: Message, hops: u8) {
+        self.mesh.stage(core, XMsg::SharedPublish { msg, group: name.clone(), hops });
+        if let Some(p) = &mut self.persist {
+            p.sent_to(core);
         }
     }
 
@@ -1288,10 +1300,7 @@ impl Core {
             if core == self.id {
                 self.deliver_shared(&group, &msg, 0);
             } else {
-                self.mesh.stage(core, XMsg::SharedPublish { msg: msg.clone(), group, hops: 0 });
-                if let Some(p) = &mut self.persist {
-                    p.sent_to(core);
-                }
+                self.stage_shared(core, &group, msg.clone(), 0);
             }
         }
     }

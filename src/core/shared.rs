@@ -127,7 +127,14 @@ impl GroupViews {
     pub fn pick_group(&mut self, name: &str, except: Option<usize>) -> Option<usize> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
-        g.pick(except)
+        g.pick(except, Kinds::Any)
+    }
+
+    /// A core other than `except` with ready members of group `name`, in proportion to their number.
+    pub fn pick_ready_elsewhere(&mut self, name: &str, except: usize) -> Option<usize> {
+        let &slot = self.by_name.get(name)?;
+        let g = self.groups.get_mut(slot)?;
+        g.pick(Some(except), Kinds::Ready)
     }
 
     fn pick_except(&mut self, topic: &str, except: Option<usize>, mut f: impl FnMut(&Arc<str>, usize)) {
@@ -138,7 +145,7 @@ impl GroupViews {
         self.index.for_each_match(topic, |slot, _| slots.push(slot));
         for slot in slots {
             let Some(g) = self.groups.get_mut(slot) else { continue };
-            if let Some(core) = g.pick(except) {
+            if let Some(core) = g.pick(except, Kinds::Any) {
                 f(&g.name, core);
             }
         }
@@ -155,12 +162,14 @@ impl GroupView {
         self.online.iter().any(|&n| n > 0) && self.ready.iter().all(|&n| n == 0)
     }
 
-    /// One core, in proportion to its members of the best kind present (ready, else online, else any),
-    /// round robin; never `except`.
-    fn pick(&mut self, except: Option<usize>) -> Option<usize> {
+    /// One core, in proportion to its members of the best kind present (ready, else online, else any;
+    /// only ready ones with [`Kinds::Ready`]), round robin; never `except`.
+    fn pick(&mut self, except: Option<usize>, kinds: Kinds) -> Option<usize> {
         let count = |v: &[u32], core: usize| if Some(core) == except { 0 } else { u64::from(v[core]) };
         let sum = |v: &[u32]| (0..v.len()).map(|c| count(v, c)).sum::<u64>();
-        let counts = [&self.ready, &self.online, &self.total].into_iter().find(|v| sum(v) > 0)?;
+        let all = [&self.ready, &self.online, &self.total];
+        let n = if kinds == Kinds::Ready { 1 } else { all.len() };
+        let counts = all.into_iter().take(n).find(|v| sum(v) > 0)?;
         let mut at = self.next % sum(counts);
         self.next = self.next.wrapping_add(1);
         for core in 0..counts.len() {
@@ -172,6 +181,13 @@ impl GroupView {
         }
         None
     }
+}
+
+/// Which members [`GroupView::pick`] may choose a core for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kinds {
+    Ready,
+    Any,
 }
 
 /// The highest rank [`LocalGroups::pick`] knows: the first member found with it is taken.
@@ -242,7 +258,7 @@ impl LocalGroups {
     /// The member to deliver the next message of group `name` to: round robin over the members of the
     /// highest `rank` present, [`RANK_BEST`] being the highest (the core ranks ready members over online
     /// congested ones over offline ones); `None` without members.
-    pub fn pick(&mut self, name: &str, rank: impl Fn(usize) -> u8) -> Option<(usize, SubOpts)> {
+    pub fn pick(&mut self, name: &str, rank: impl Fn(usize) -> u8) -> Option<(usize, SubOpts, u8)> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
         let n = g.members.len();
@@ -257,9 +273,9 @@ impl LocalGroups {
                 break;
             }
         }
-        let (_, i) = best?;
+        let (r, i) = best?;
         g.next = (start + i + 1) % n;
-        g.members.get((start + i) % n).copied()
+        g.members.get((start + i) % n).map(|&(k, o)| (k, o, r))
     }
 }
 
@@ -332,6 +348,12 @@ mod tests {
         assert!(!v.blocked("a/x"));
         // A core that found no member of its own asks for another.
         assert_eq!(v.pick_group("$share/g/a/#", Some(1)), Some(0));
+        // Only ready members count for a core whose own members are not ready: none here.
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 1), None);
+        v.update(2, 0, &name, "a/#", m(1, 1, 1));
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 1), Some(0));
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 0), None);
+        v.update(2, 0, &name, "a/#", m(0, 0, 1));
         v.update(2, 0, &name, "a/#", m(0, 0, 0));
         assert_eq!(v.pick_group("$share/g/a/#", Some(1)), None);
         // Blocked and then forgotten: the count of blocked groups goes back to 0.
@@ -355,7 +377,7 @@ mod tests {
         assert!(!picks.contains(&2) && picks.contains(&1) && picks.contains(&3));
         // Only member 2 online (congested), the others offline: member 2 of the three.
         let rank = |k| if k == 2 { 1 } else { 0 };
-        assert!((0..4).all(|_| l.pick("$share/g/a", rank).unwrap().0 == 2));
+        assert!((0..4).all(|_| matches!(l.pick("$share/g/a", rank), Some((2, _, 1)))));
         // Nobody online: still one of them (a persistent session queues it).
         assert!(l.pick("$share/g/a", |_| 0).is_some());
         assert!(l.leave("$share/g/a", 2).is_some());
