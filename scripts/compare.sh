@@ -171,6 +171,7 @@ SCENARIOS=(
   "qos1 32 pairs|--scenario pairs --qos 1 --connections 32"
   "qos2 32 pairs|--scenario pairs --qos 2 --connections 32"
   "qos1 16 pairs x 2000/s|--scenario pairs --qos 1 --connections 16 --rate 2000"
+  "qos1 shared 8->4|--scenario shared --qos 1 --connections 8 --subscribers 4"
   "qos0 fan-in 8x20000/s->1|--scenario fan-in --qos 0 --connections 8 --rate 20000"
   "10000 idle connections|--scenario storm --connections 10000"
 )
