@@ -9,7 +9,7 @@ use std::path::PathBuf;
     name = "coremq",
     version,
     about = "A thread-per-core io_uring MQTT broker",
-    long_about = "A thread-per-core io_uring MQTT broker (MQTT 3.1 and 3.1.1).\n\n\
+    long_about = "A thread-per-core io_uring MQTT broker (MQTT 3.1, 3.1.1 and 5.0).\n\n\
                   Flags override the keys of the same name in the config file; \
                   see coremq.example.toml for every key and its default."
 )]
@@ -33,7 +33,8 @@ pub struct Cli {
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
 
-    /// I/O backend: io_uring, epoll, or io_uring with an epoll fallback [default: auto]
+    /// I/O backend: auto (io_uring, or epoll where io_uring is unavailable), uring (io_uring only: exits
+    /// where it is unavailable) or epoll [default: auto]
     #[arg(long, value_name = "auto|uring|epoll")]
     pub backend: Option<String>,
 
