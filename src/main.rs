@@ -288,8 +288,9 @@ fn main() {
         eprintln!("coremq: ACL file {} (what no rule allows is denied)", path.display());
     }
     eprintln!(
-        "coremq: listening on {}; {n} threads, {} backend{pinning}",
+        "coremq: listening on {}; {n} {}, {} backend{pinning}",
         listen.join(", "),
+        if n == 1 { "thread" } else { "threads" },
         match backend {
             Backend::Uring => "io_uring",
             Backend::Epoll => "epoll",
