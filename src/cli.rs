@@ -59,7 +59,7 @@ pub struct Cli {
     pub max_packet_size: Option<u64>,
     /// A full queue of an online subscriber: "pause" QoS 1/2 publishers (nothing acknowledged is
     /// dropped) or "drop" the newest, as mosquitto does [default: pause]
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, value_name = "pause|drop")]
     pub slow_subscriber: Option<String>,
     /// Seconds a connected subscriber's full queue may go without an acknowledgement before the broker
     /// disconnects it (pause policy); 0 = never [default: 60]
