@@ -81,7 +81,8 @@ for target in "${targets[@]}"; do
   status=0
   cargo fuzz run -s "$sanitizer" "$target" "fuzz/corpus/$target" -- "${libfuzzer_args[@]}" >"$log" 2>&1 ||
     status=$?
-  grep -E '^(#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+  # libFuzzer's DONE line is "#<runs>", a TAB, then "DONE" and spaces.
+  grep -E '^(#[0-9]+[[:space:]]+DONE|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
   if [ "$status" -ne 0 ]; then
     failed=1
     # libFuzzer's report from its first line: the panic message or sanitizer error, the stack, the

@@ -9,7 +9,7 @@ use std::path::PathBuf;
     name = "coremq",
     version,
     about = "A thread-per-core io_uring MQTT broker",
-    long_about = "A thread-per-core io_uring MQTT broker (MQTT 3.1 and 3.1.1).\n\n\
+    long_about = "A thread-per-core io_uring MQTT broker (MQTT 3.1, 3.1.1 and 5.0).\n\n\
                   Flags override the keys of the same name in the config file; \
                   see coremq.example.toml for every key and its default."
 )]
@@ -33,7 +33,8 @@ pub struct Cli {
     #[arg(long, value_name = "LIST")]
     pub cpus: Option<String>,
 
-    /// I/O backend: io_uring, epoll, or io_uring with an epoll fallback [default: auto]
+    /// I/O backend: auto (io_uring, or epoll where io_uring is unavailable), uring (io_uring only: exits
+    /// where it is unavailable) or epoll [default: auto]
     #[arg(long, value_name = "auto|uring|epoll")]
     pub backend: Option<String>,
 
@@ -58,7 +59,7 @@ pub struct Cli {
     pub max_packet_size: Option<u64>,
     /// A full queue of an online subscriber: "pause" QoS 1/2 publishers (nothing acknowledged is
     /// dropped) or "drop" the newest, as mosquitto does [default: pause]
-    #[arg(long, value_name = "POLICY")]
+    #[arg(long, value_name = "pause|drop")]
     pub slow_subscriber: Option<String>,
     /// Seconds a connected subscriber's full queue may go without an acknowledgement before the broker
     /// disconnects it (pause policy); 0 = never [default: 60]

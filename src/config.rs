@@ -1080,6 +1080,8 @@ fn resolve(mut layer: Layer, cli: &Cli, allowed: io::Result<Vec<usize>>) -> Resu
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use clap::Parser;
 
@@ -1638,6 +1640,117 @@ bind = "0.0.0.0:1883"
         );
     }
 
+    /// The field names serde's derive declared for `T`: it hands them to `deserialize_struct`, which this
+    /// deserializer records instead of reading anything.
+    fn field_names<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+        use serde::de::{Error as _, Visitor};
+        struct Fields<'a>(&'a mut &'static [&'static str]);
+        impl<'de> serde::Deserializer<'de> for Fields<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+                Err(Self::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                *self.0 = fields;
+                Err(Self::Error::custom("only the field names were wanted"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option
+                unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut fields: &'static [&'static str] = &[];
+        let _ = T::deserialize(Fields(&mut fields));
+        assert!(!fields.is_empty(), "{} declares no fields", std::any::type_name::<T>());
+        fields
+    }
+
+    /// Every key a config file may set, as (table, key) with "" for the top level: the fields of the
+    /// `Raw*` structs, the one place the keys are declared.
+    fn declared_keys() -> BTreeSet<(String, String)> {
+        // The tables among the file's fields: (field, header, the table's fields). A table added to
+        // `RawFile` and not here shows up as a top-level key no text documents.
+        let tables = [
+            ("listener", "[[listener]]", field_names::<RawListener>()),
+            ("auth", "[auth]", field_names::<RawAuth>()),
+            ("persistence", "[persistence]", field_names::<RawPersistence>()),
+        ];
+        let mut keys = BTreeSet::new();
+        for &key in field_names::<RawFile>() {
+            match tables.iter().find(|(field, ..)| *field == key) {
+                Some((_, header, fields)) => {
+                    keys.extend(fields.iter().map(|k| (header.to_string(), k.to_string())))
+                }
+                None => {
+                    keys.insert((String::new(), key.to_string()));
+                }
+            }
+        }
+        keys
+    }
+
+    /// The keys `coremq.example.toml` shows, set or commented out (`# key = ...`), each in the table
+    /// whose header (`[auth]` or `# [auth]`) came last before it.
+    fn example_keys(text: &str) -> BTreeSet<(String, String)> {
+        let mut table = String::new();
+        let mut keys = BTreeSet::new();
+        for line in text.lines() {
+            let line = line.strip_prefix("# ").unwrap_or(line);
+            let header = line.trim();
+            if header.starts_with('[') && header.ends_with(']') && !header.contains(' ') {
+                table = header.to_string();
+            } else if let Some((key, _)) = line.split_once(" = ") {
+                if !key.is_empty()
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                {
+                    keys.insert((table.clone(), key.to_string()));
+                }
+            }
+        }
+        keys
+    }
+
+    /// The keys of README's configuration table (one row names one key, or several of one table:
+    /// `` `[[listener]]` `tls_cert`, `tls_key` ``). The table ends at its first line that is not a row,
+    /// so a row cut off from it by a blank line is missing here.
+    fn readme_keys(readme: &str) -> BTreeSet<(String, String)> {
+        let mut lines = readme.lines().skip_while(|l| !l.starts_with("| key | default | meaning |"));
+        assert!(lines.next().is_some(), "README has no configuration table");
+        let mut keys = BTreeSet::new();
+        for row in lines.skip(1).take_while(|l| l.starts_with('|')) {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            let names: Vec<&str> = first.split('`').skip(1).step_by(2).collect();
+            let (table, names) = match names.split_first() {
+                Some((t, rest)) if t.starts_with('[') => (t.to_string(), rest),
+                _ => (String::new(), &names[..]),
+            };
+            assert!(!names.is_empty(), "README's config row {row:?} names no key");
+            keys.extend(names.iter().map(|k| (table.clone(), k.to_string())));
+        }
+        keys
+    }
+
+    /// Asserts that `found` (the keys `what` shows) are exactly the declared keys, naming the differences.
+    fn assert_declared(found: BTreeSet<(String, String)>, what: &str) {
+        let declared = declared_keys();
+        let missing: Vec<_> = declared.difference(&found).collect();
+        let unknown: Vec<_> = found.difference(&declared).collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "{what}: missing (table, key) {missing:?}; not keys of the parser {unknown:?}"
+        );
+    }
+
+    #[test]
+    fn readme_config_table_has_every_key() {
+        assert_declared(readme_keys(include_str!("../README.md")), "README's configuration table");
+    }
+
     #[test]
     fn example_file_parses_to_the_defaults() {
         // Relative to this source file, so the test reads the example shipped next to Cargo.toml.
@@ -1666,53 +1779,9 @@ bind = "0.0.0.0:1883"
         assert_eq!(example.max_subscriptions_per_client, defaults.max_subscriptions_per_client);
         assert_eq!(example.max_topic_levels, defaults.max_topic_levels);
         assert_eq!(example.max_client_id_len, defaults.max_client_id_len);
-        // Every key of the raw file appears in the example, set or commented out.
-        for key in [
-            "threads",
-            "cpus",
-            "backend",
-            "connect_timeout",
-            "max_inflight",
-            "max_queued_messages",
-            "max_queued_bytes",
-            "max_packet_size",
-            "queue_qos0_messages",
-            "max_keepalive",
-            "max_session_expiry_interval",
-            "topic_alias_maximum",
-            "receive_maximum",
-            "response_information",
-            "ring_capacity",
-            "max_outbox_messages",
-            "max_connections",
-            "max_subscriptions_per_client",
-            "max_topic_levels",
-            "max_client_id_len",
-            "[[listener]]",
-            "bind",
-            "allow_anonymous",
-            "max_connections",
-            "slow_subscriber",
-            "slow_subscriber_timeout",
-            "protocol",
-            "tls_cert",
-            "tls_key",
-            "tls_client_ca",
-            "use_identity_as_username",
-            "[auth]",
-            "password_file",
-            "acl_file",
-            "[persistence]",
-            "enabled",
-            "data_dir",
-            "fsync",
-            "fsync_interval_ms",
-        ] {
-            assert!(
-                text.lines().any(|l| l.trim_start_matches("# ").starts_with(key)),
-                "{key} is not documented"
-            );
-        }
+        // Every key the parser accepts appears in the example, set or commented out, in its table, and
+        // every key the example shows is one the parser accepts.
+        assert_declared(example_keys(text), "coremq.example.toml");
         // The commented-out examples are valid too.
         let uncommented =
             text.replace("# threads = 4", "threads = 4").replace("# cpus = \"0-3\"", "cpus = \"0-3\"");

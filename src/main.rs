@@ -188,6 +188,16 @@ fn main() {
         return;
     }
     let cfg = config::load(&cli).unwrap_or_else(|e| fail(e));
+    // First, before recovery rewrites the data directory: a second broker on an address this one serves
+    // must stop here with the error any port in use gives, not join its SO_REUSEPORT group. The claims
+    // are held until the process exits.
+    let _claims: Vec<io::AddressClaim> = cfg
+        .listeners
+        .iter()
+        .map(|l| {
+            io::claim_address(l.bind).unwrap_or_else(|e| fail(format!("cannot listen on {}: {e}", l.bind)))
+        })
+        .collect();
     let backend = choose_backend(cfg.backend);
     let sigset = block_signals();
 
@@ -278,8 +288,9 @@ fn main() {
         eprintln!("coremq: ACL file {} (what no rule allows is denied)", path.display());
     }
     eprintln!(
-        "coremq: listening on {}; {n} threads, {} backend{pinning}",
+        "coremq: listening on {}; {n} {}, {} backend{pinning}",
         listen.join(", "),
+        if n == 1 { "thread" } else { "threads" },
         match backend {
             Backend::Uring => "io_uring",
             Backend::Epoll => "epoll",

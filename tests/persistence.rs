@@ -141,9 +141,9 @@ impl Drop for Node {
 /// Waits (at most 5 s) until no socket listens on `port` any more (`/proc/net/tcp`).
 ///
 /// A uring broker's listener can outlive its process by a few milliseconds (the kernel tears the ring
-/// down, and with it the accept it still holds, after the exit), and with `SO_REUSEPORT` a restarted broker
-/// shares the port with that dying socket: a connection the kernel hands to it is reset. A restart proper
-/// begins once the old listener is gone.
+/// down, and with it the accept it still holds, after the exit). A broker started meanwhile waits for it
+/// only so long (`io::claim_address`) before it refuses the address as in use. A restart proper begins
+/// once the old listener is gone.
 fn wait_port_released(port: u16) {
     let local = format!(":{port:04X}");
     let t0 = Instant::now();

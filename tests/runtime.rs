@@ -18,6 +18,7 @@ backend_tests!(
     config_file_sets_listener_and_limits,
     sigterm_prints_consistent_stats_and_exits_0,
     sigint_is_graceful_too,
+    startup_line_counts_threads,
 );
 
 /// The only non-empty stderr line of a failed run (asserts there is exactly one).
@@ -295,4 +296,23 @@ fn default_run_listens_on_1883() {
         let st = broker.stop();
         assert!(st.status.success(), "{st:?}");
     });
+}
+
+async fn startup_line_counts_threads(b: Backend) {
+    if skip_unless_coremq("the startup line") {
+        return;
+    }
+    let backend = match b {
+        Backend::Uring => "io_uring",
+        Backend::Epoll => "epoll",
+    };
+    for (threads, counted) in [(1, "1 thread"), (2, "2 threads")] {
+        let broker = Broker::start_with(b, &Settings { threads, ..Default::default() });
+        let port = broker.port;
+        let st = broker.stop();
+        let line = format!(
+            "coremq: listening on 127.0.0.1:{port} (anonymous clients allowed); {counted}, {backend} backend\n"
+        );
+        assert!(st.stderr.contains(&line), "expected {line:?} in:\n{}", st.stderr);
+    }
 }

@@ -56,7 +56,7 @@ impl Scenario {
 #[command(
     name = "coremq-swarm",
     version,
-    about = "Load-tests an MQTT 3.1.1 broker: throughput, loss, duplicates, ordering and end-to-end latency",
+    about = "Load-tests an MQTT 3.1.1 or 5.0 broker: throughput, loss, duplicates, ordering and end-to-end latency",
     after_help = "Exit status: 0 ok; 1 if a QoS 1/2 run lost a message, a QoS 2 run duplicated one, or \
                   connections failed; 2 for usage errors or an unreachable broker."
 )]

@@ -1,4 +1,4 @@
-//! One MQTT 3.1.1 client connection, over plain TCP or TLS: handshake, batched writes, large reads
+//! One MQTT 3.1.1 or 5.0 client connection, over plain TCP or TLS: handshake, batched writes, large reads
 //! that yield many packets, and a clean close.
 
 use std::future::{poll_fn, Future};

@@ -1,4 +1,4 @@
-//! coremq-swarm: a load generator for any MQTT 3.1.1 broker, used to compare coremq with
+//! coremq-swarm: a load generator for any MQTT 3.1.1 or 5.0 broker, used to compare coremq with
 //! mosquitto. See `coremq-swarm --help`; the JSON line it prints last is what scripts/compare.sh
 //! reads.
 

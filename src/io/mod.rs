@@ -123,6 +123,73 @@ fn bind_std(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// How long [`claim_address`] waits for a listener that holds the address without holding its claim:
+/// a broker killed a moment ago (below).
+const RELEASE_WAIT: Duration = Duration::from_millis(500);
+
+/// The claim of one listen address by this process; the address is free for other coremq processes
+/// again once it is dropped (or the process exits).
+pub struct AddressClaim {
+    /// The abstract Unix socket named after the address; `None` for port 0, or where the kernel would
+    /// not make one (the probe alone then guards the address).
+    _lock: Option<std::os::unix::net::UnixDatagram>,
+}
+
+/// Claims `addr` for this process. Call it on the main thread before any core binds its [`Listener`],
+/// and keep the claim for as long as the process serves the address.
+///
+/// Why: `SO_REUSEPORT`, which lets the cores of one broker share the address, also lets any other
+/// process of the same user bind it. A second broker started on the address would join the first one's
+/// group silently, and the kernel would spread clients over two brokers that share no session and no
+/// subscription. Fails with the same `AddrInUse` error as a port taken by any other program when
+///
+/// - another coremq holds the address's claim: an abstract Unix socket named after the address, which
+///   the kernel releases when its process exits, and which, like the port, belongs to the network
+///   namespace. It closes the race of two brokers started at the same instant, which the probe below
+///   cannot (both would probe before either listens);
+/// - a socket already listens there (another program, an older coremq): the probe binds the address
+///   with `SO_REUSEADDR` but without `SO_REUSEPORT`, which a listening socket refuses (a `SO_REUSEPORT`
+///   group too), while connections left in TIME_WAIT by a previous broker do not. The probe is closed at
+///   once and never listens; the cores bind afterwards. When nobody holds the claim, a listener in the
+///   way may belong to a coremq that exited a moment ago: on io_uring its listening socket outlives the
+///   process by a few milliseconds (a pending accept holds it until the kernel tears the ring down), so
+///   the probe is retried for up to [`RELEASE_WAIT`] before it is believed.
+///
+/// Port 0 claims nothing: each bind to it gets a port of its own.
+pub fn claim_address(addr: SocketAddr) -> io::Result<AddressClaim> {
+    use std::os::linux::net::SocketAddrExt;
+    if addr.port() == 0 {
+        return Ok(AddressClaim { _lock: None });
+    }
+    let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("coremq-listen {addr}"))?;
+    let lock = match std::os::unix::net::UnixDatagram::bind_addr(&name) {
+        Ok(s) => Some(s),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => return Err(e),
+        // Abstract sockets exist on every Linux, but a sandbox may refuse Unix sockets; the probe still
+        // refuses a broker that is already listening, and only the simultaneous start stays unguarded.
+        Err(_) => None,
+    };
+    let deadline = std::time::Instant::now() + RELEASE_WAIT;
+    loop {
+        match probe_bind(addr) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(e),
+            Ok(()) => return Ok(AddressClaim { _lock: lock }),
+        }
+    }
+}
+
+/// Binds (never listens on) a throwaway socket to `addr` with `SO_REUSEADDR` and without
+/// `SO_REUSEPORT`, and closes it: fails with `AddrInUse` when a socket listens on `addr`.
+fn probe_bind(addr: SocketAddr) -> io::Result<()> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())
+}
+
 /// A listening TCP socket owned by one core's runtime.
 pub struct Listener {
     inner: ListenerInner,

@@ -628,3 +628,103 @@ fn idle_set_reports_data_once_per_arm_and_our_own_shutdown() {
         });
     }
 }
+
+/// A port on `127.0.0.<host>` that was free a moment ago. Each claim test has a loopback address of its
+/// own, which the other tests' `127.0.0.1:0` binds never take.
+fn free_addr(host: u8) -> SocketAddr {
+    let l = std::net::TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, host), 0)).unwrap();
+    l.local_addr().unwrap()
+}
+
+#[test]
+fn a_claimed_address_is_refused_to_another_claim_but_shared_by_the_cores() {
+    let addr = free_addr(2);
+    for b in backends() {
+        let claim = claim_address(addr).unwrap();
+        let t = Instant::now();
+        let second = claim_address(addr).err().expect("a second claim while the first is held");
+        assert_eq!(second.kind(), io::ErrorKind::AddrInUse, "{second}");
+        // The lock answers at once: no waiting for a listener to go away.
+        assert!(t.elapsed() < RELEASE_WAIT, "{:?}", t.elapsed());
+        run_bounded(b, async move {
+            // The claim leaves the cores their SO_REUSEPORT group.
+            let l1 = Listener::bind(addr).expect("a core's listener beside the claim");
+            let l2 = Listener::bind(addr).expect("another core's listener beside the claim");
+            // Without its claim (an older broker, or one that lost the lock), the address is still
+            // refused, because the cores' sockets listen there; only after the wait for a dying one.
+            drop(claim);
+            let t = Instant::now();
+            let e = claim_address(addr).err().expect("a claim while the cores listen");
+            assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+            assert!(t.elapsed() >= RELEASE_WAIT, "{:?}", t.elapsed());
+            drop((l1, l2));
+        });
+        // Once the listeners are gone the address can be claimed again (the next backend does).
+    }
+    drop(claim_address(addr).expect("the address is free again"));
+}
+
+#[test]
+fn a_foreign_listener_is_in_use_unless_it_goes_away_within_the_wait() {
+    let addr = free_addr(3);
+    let foreign = std::net::TcpListener::bind(addr).unwrap();
+    let e = claim_address(addr).err().expect("a claim while another program listens");
+    assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+    assert_eq!(e.to_string(), "Address already in use (os error 98)", "the error of any port in use");
+    // A listener that closes during the wait (a broker killed a moment ago) is waited for.
+    let closer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        drop(foreign);
+    });
+    let t = Instant::now();
+    let claim = claim_address(addr).expect("the listener closed within the wait");
+    assert!(t.elapsed() >= Duration::from_millis(100) && t.elapsed() < LIMIT, "{:?}", t.elapsed());
+    closer.join().unwrap();
+    drop(claim);
+}
+
+#[test]
+fn time_wait_leftovers_of_a_previous_broker_do_not_block_a_claim() {
+    use socket2::{Domain, Socket, Type};
+    let addr = free_addr(4);
+    {
+        let l = bind_std(addr).unwrap(); // a core's listener: SO_REUSEADDR + SO_REUSEPORT
+        let mut c = client(addr);
+        let (s, _) = l.accept().unwrap();
+        drop(s); // the broker's end closes first, so it is the one left in TIME_WAIT
+        let mut byte = [0u8; 1];
+        assert_eq!(c.read(&mut byte).unwrap(), 0);
+    }
+    // /proc/net/tcp: "local_address rem_address st", the IPv4 address as the kernel's u32 in hex.
+    let std::net::IpAddr::V4(ip) = addr.ip() else { unreachable!() };
+    let local = format!("{:08X}:{:04X}", u32::from_ne_bytes(ip.octets()), addr.port());
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        let time_wait = table.lines().skip(1).any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1] == local && f[3] == "06"
+        });
+        if time_wait {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no TIME_WAIT socket on {addr}:\n{table}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The leftover does hold the address: a bind without SO_REUSEADDR is refused.
+    let plain = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    let refused = plain.bind(&addr.into()).expect_err("TIME_WAIT refuses a bind without SO_REUSEADDR");
+    assert_eq!(refused.kind(), io::ErrorKind::AddrInUse);
+    let t = Instant::now();
+    let claim = claim_address(addr).expect("TIME_WAIT is no broker");
+    assert!(t.elapsed() < RELEASE_WAIT, "claimed at once, not after the wait: {:?}", t.elapsed());
+    drop(claim);
+}
+
+#[test]
+fn port_zero_claims_nothing() {
+    let addr = localhost();
+    let a = claim_address(addr).unwrap();
+    let b = claim_address(addr).expect("every bind to port 0 gets its own port");
+    drop((a, b));
+}

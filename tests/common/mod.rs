@@ -281,13 +281,19 @@ impl Broker {
 
     /// Starts coremq with exactly `args` (no defaults added) and waits until `port` accepts.
     pub fn start_coremq_args(args: &[String], port: u16) -> Broker {
-        let dir = temp_dir("args");
-        let mut cmd = Command::new(coremq_bin());
-        cmd.args(args);
-        match Broker::spawn_and_wait(cmd, port, dir) {
+        match Broker::try_start_coremq_args(args, port) {
             Ok(b) => b,
             Err(e) => panic!("coremq failed to start with {args:?}:\n{e}"),
         }
+    }
+
+    /// Like [`Broker::start_coremq_args`], but a broker that exits or does not answer within 10 s is
+    /// an `Err` with its output, so that a caller can retry a port taken meanwhile ("in use").
+    pub fn try_start_coremq_args(args: &[String], port: u16) -> Result<Broker, String> {
+        let dir = temp_dir("args");
+        let mut cmd = Command::new(coremq_bin());
+        cmd.args(args);
+        Broker::spawn_and_wait(cmd, port, dir)
     }
 
     fn spawn_and_wait(mut cmd: Command, port: u16, dir: PathBuf) -> Result<Broker, String> {
