@@ -43,7 +43,7 @@ backend_tests!(
     shared_group_flood_v5_qos1,
     shared_group_flood_v5_qos2,
     shared_member_unsubscribes_mid_flood,
-    shared_members_unsubscribe_and_clean_disconnect_mid_flood_needs_redelivery,
+    shared_members_unsubscribe_and_clean_disconnect_mid_flood,
     takeover_mid_flood_v4,
     takeover_mid_flood_v5,
     retained_plus_live_flood,
@@ -903,11 +903,10 @@ async fn shared_member_unsubscribes_mid_flood(b: Backend) {
     members_leave_mid_flood(b, "unsub", false).await;
 }
 
-/// The brief's full case: one member unsubscribes and another ends its clean session mid-flood. What
-/// was queued or in flight for the departed session must go to a remaining member (MQTT 5 §4.8.2:
-/// the server SHOULD send it to another client of the group); "needs_redelivery" in the name: a
-/// broker without that redelivery fails here.
-async fn shared_members_unsubscribe_and_clean_disconnect_mid_flood_needs_redelivery(b: Backend) {
+/// One member unsubscribes and another ends its clean session mid-flood. What was queued or in flight
+/// for the departed session must go to a remaining member (MQTT 5 §4.8.2: the server SHOULD send it to
+/// another client of the group); a broker without that redelivery fails here.
+async fn shared_members_unsubscribe_and_clean_disconnect_mid_flood(b: Backend) {
     members_leave_mid_flood(b, "leave", true).await;
 }
 

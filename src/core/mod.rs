@@ -430,6 +430,12 @@ pub struct Core {
     shared_views: GroupViews,
     /// The shared groups this core's sessions belong to.
     shared_local: LocalGroups,
+    /// Online sessions past their limits and overflow room (`Session::overfull`): while there are any,
+    /// the core takes nothing from other cores, so that their publishers pause through the full rings
+    /// instead of this core dropping what they acknowledged.
+    overfull: SmallVec<[usize; 2]>,
+    /// A PUBLISH was held because a ring's staging was full (`Mesh::saturated`): retry once it drains.
+    retry_on_room: bool,
     /// Deliveries now are a new subscription's retained messages: QoS 1/2 ones are queued past the
     /// session's limits (`Session::deliver_backlog`) rather than dropped.
     subscribing: bool,
@@ -546,6 +552,8 @@ impl Core {
             lingering: Vec::new(),
             shared_views: GroupViews::default(),
             shared_local: LocalGroups::default(),
+            overfull: SmallVec::new(),
+            retry_on_room: false,
             subscribing: false,
             persist: None,
         }
@@ -1013,7 +1021,7 @@ impl Core {
         if p.qos != QoS::AtMostOnce {
             let holding = self.conns.get(key).is_some_and(|c| c.held.is_some());
             // Behind an earlier held PUBLISH, to keep acknowledgements in order (MQTT-4.6.0-2).
-            if holding || self.is_congested(p.topic.as_str()) {
+            if holding || self.must_hold(p.topic.as_str()) {
                 self.hold(key, p, now);
                 return Flow::Continue;
             }
@@ -1121,9 +1129,17 @@ impl Core {
         }
     }
 
-    /// Whether a QoS 1/2 PUBLISH to `topic` must be held: a matching congested subscriber, or a matching
-    /// shared group whose online members are all congested.
-    fn is_congested(&self, topic: &str) -> bool {
+    /// Whether a QoS 1/2 PUBLISH to `topic` must be held before it is acknowledged: a matching congested
+    /// subscriber, a matching shared group whose online members are all congested, or more staged for
+    /// another core than its ring can take (a congested subscriber there has room for what is in transit
+    /// when it tells the publishers to wait, about a ring per core, not for an unbounded staging queue:
+    /// several publishers reading 64 KiB each in one loop turn, or a release of held PUBLISHes, would
+    /// overrun it). The last one is set right by the consumer draining (`end_batch` retries).
+    fn must_hold(&mut self, topic: &str) -> bool {
+        if self.mesh.saturated() {
+            self.retry_on_room = true;
+            return true;
+        }
         (!self.congested.is_empty() && self.congested.any_match(topic)) || self.shared_views.blocked(topic)
     }
 
@@ -1178,14 +1194,14 @@ impl Core {
             loop {
                 let front = self.conns.get(key).and_then(|c| Some((c.session?, c.held.as_ref()?)));
                 let Some((skey, held)) = front else { break };
-                let Some((p, _)) = held.packets.front() else {
+                let Some(topic) = held.packets.front().map(|(p, _)| p.topic.clone()) else {
                     if let Some(c) = self.conns.get_mut(key) {
                         c.held = None;
                     }
                     self.released = true;
                     break;
                 };
-                if self.is_congested(p.topic.as_str()) {
+                if self.must_hold(topic.as_str()) {
                     self.holding.push(key);
                     break;
                 }
@@ -1434,6 +1450,9 @@ impl Core {
                 };
                 if delivered == Delivered::Dropped {
                     self.stats.dropped += 1;
+                }
+                if guard.is_some() && se.session.overfull() && !self.overfull.contains(&skey) {
+                    self.overfull.push(skey);
                 }
                 let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
                 drop(guard);
@@ -1877,8 +1896,20 @@ impl Core {
         }
     }
 
+    /// Whether the core takes nothing from other cores for now (an overfull session); the runtime then
+    /// waits for the core's own wake-up, which [`Core::end_batch`] sends once it has drained.
+    pub fn inbound_paused(&mut self) -> bool {
+        let sessions = &self.sessions;
+        self.overfull
+            .retain(|&mut k| sessions.get(k).is_some_and(|se| se.conn.is_some() && se.session.overfull()));
+        !self.overfull.is_empty()
+    }
+
     /// Processes what other cores sent. Returns how many messages were taken.
     pub fn drain_inbound(&mut self) -> usize {
+        if self.inbound_paused() {
+            return 0;
+        }
         let mut batch = std::mem::take(&mut self.inbound);
         let always = self.persist.as_ref().is_some_and(|p| p.always);
         let mut runs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
@@ -1960,8 +1991,18 @@ impl Core {
 
     /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
     pub fn end_batch(&mut self) {
+        // PUBLISHes held for ring room: what this batch staged goes first, and they follow if it all fit
+        // (if not, the consumer signals room and the room task calls this again).
+        if self.retry_on_room && self.mesh.flush() {
+            self.retry_on_room = false;
+            self.retry_held = true;
+        }
         self.release_held();
         self.settle_durable();
+        if !self.overfull.is_empty() && !self.inbound_paused() {
+            // The cross-core loop waits for this (`Core::inbound_paused`).
+            self.mesh.my_signal().wake.notify_one();
+        }
         for ctl in self.dirty.drain(..) {
             ctl.dirty.set(false);
             ctl.wake_writer();

@@ -256,7 +256,10 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
             continue;
         }
         let wake = signals[id].wake.notified();
-        if core.borrow().mesh.park() {
+        // Paused (a session past its limits): nothing from other cores until it drains; end_batch
+        // wakes this loop then. Otherwise park until a producer wakes it.
+        let paused = core.borrow_mut().inbound_paused();
+        if paused || core.borrow().mesh.park() {
             wake.await;
         }
         signals[id].parked.store(false, Ordering::SeqCst);

@@ -113,7 +113,9 @@ pub struct Limits {
     pub max_queued_bytes: usize,
     /// Room beyond `max_queued_messages` / `max_queued_bytes` for an *online* session whose publishers
     /// are paused once it is full ([`Session::congested`]): messages already past that check (in the
-    /// cross-core rings) still arrive and must not be lost. 0 under the drop policy.
+    /// cross-core rings) still arrive and must not be lost. 0 under the drop policy. Past this room an
+    /// online session still takes what arrives ([`Session::overfull`]): its core then stops taking
+    /// messages from other cores until it drains, which pauses their publishers through the rings.
     pub overflow_messages: usize,
     pub overflow_bytes: usize,
 }
@@ -505,6 +507,17 @@ impl Session {
             || self.queued_bytes >= self.limits.max_queued_bytes
     }
 
+    /// Pause policy: the queue holds more than its limits plus the overflow room (messages that were in
+    /// transit longer than the room allows): the core must stop taking messages from other cores until
+    /// it is back within them.
+    pub fn overfull(&self) -> bool {
+        self.limits.overflow_messages > 0
+            && (self.queue.len() - self.backlog as usize
+                > self.limits.max_queued_messages.saturating_add(self.limits.overflow_messages)
+                || self.queued_bytes - self.backlog_bytes
+                    > self.limits.max_queued_bytes.saturating_add(self.limits.overflow_bytes))
+    }
+
     /// The queue has drained to half its limits: paused publishers may go on. The gap between this and
     /// [`Session::congested`] keeps a session near its limit from pausing and releasing at every message.
     pub fn relieved(&self) -> bool {
@@ -527,7 +540,11 @@ impl Session {
             if online { (self.limits.overflow_messages, self.limits.overflow_bytes) } else { (0, 0) };
         let queued = self.queue.len() - self.backlog as usize;
         let bytes = self.queued_bytes - self.backlog_bytes;
+        // Under the pause policy (overflow room > 0) an online session drops nothing: what arrives
+        // was acknowledged to its publisher already.
+        let pause = online && extra_msgs > 0;
         if !q.backlog
+            && !pause
             && (queued >= self.limits.max_queued_messages.saturating_add(extra_msgs)
                 || bytes.saturating_add(len) > self.limits.max_queued_bytes.saturating_add(extra_bytes))
         {

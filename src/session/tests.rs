@@ -368,13 +368,20 @@ fn an_online_session_uses_its_overflow_room_and_reports_congestion() {
     // What was already on its way when publishers were paused still fits, up to the overflow room.
     assert_eq!(give(&mut s, 6, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
     assert_eq!(give(&mut s, 7, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
-    assert_eq!(give(&mut s, 8, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Dropped);
+    assert!(!s.overfull());
+    // Past the room an online session still takes it (it was acknowledged) and says it is overfull:
+    // its core stops taking messages from other cores until it drains.
+    assert_eq!(give(&mut s, 8, 3, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+    assert!(s.overfull());
     // Offline there is no overflow room: the offline queue keeps mosquitto's drop-newest policy.
     assert_eq!(give(&mut s, 9, 3, QoS::AtLeastOnce, None), Delivered::Dropped);
-    assert_eq!((s.queued_len(), s.dropped), (6, 2));
-    // Relieved only at half the limit: 6 queued -> 2 after four acknowledgements.
+    assert_eq!((s.queued_len(), s.dropped), (7, 1));
+    // Relieved only at half the limit: 7 queued -> 2 after five acknowledgements.
     let mut pkid = p1;
-    for id in 2..=5 {
+    for id in 2..=6 {
+        if id == 3 {
+            assert!(!s.overfull(), "6 queued is within the limit plus the room");
+        }
         assert!(!s.relieved());
         s.on_puback(pkid, &mut out);
         pkid = sent_one(&mut out, id, QoS::AtLeastOnce);
@@ -828,8 +835,11 @@ fn step(s: &mut Session, m: &mut Model, op: &Op) -> Result<(), TestCaseError> {
             // An online session has the overflow room of the pause policy on top of its limits.
             let (extra_msgs, extra_bytes) =
                 if m.online { (m.limits.overflow_messages, m.limits.overflow_bytes) } else { (0, 0) };
-            let fits = m.queue.len() < m.limits.max_queued_messages + extra_msgs
-                && m.queued_bytes + len <= m.limits.max_queued_bytes + extra_bytes;
+            // Under the pause policy (room > 0) an online session drops nothing: past the room it only
+            // reports itself overfull.
+            let fits = (m.online && extra_msgs > 0)
+                || (m.queue.len() < m.limits.max_queued_messages + extra_msgs
+                    && m.queued_bytes + len <= m.limits.max_queued_bytes + extra_bytes);
             let want = if m.online && m.queue.is_empty() && m.window_open(qos) {
                 Delivered::Sent
             } else if fits {
@@ -1040,11 +1050,13 @@ fn retained_backlog_is_queued_past_the_limits_and_not_counted_against_live_messa
     }
     assert_eq!(s.queued_len(), 19, "one in flight, the rest queued past the limit of 4");
     assert!(s.congested(), "a queue this long pauses publishers");
-    // Live messages: the limit (4) plus the overflow (2) still fits beside the backlog, then drops.
+    // Live messages: the limit (4) plus the overflow (2) fit beside the backlog before it is overfull.
     for id in 100..106 {
         assert_eq!(give(&mut s, id, 8, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued, "live {id}");
     }
-    assert_eq!(give(&mut s, 106, 8, QoS::AtLeastOnce, Some(&mut out)), Delivered::Dropped);
+    assert!(!s.overfull(), "the backlog does not count");
+    assert_eq!(give(&mut s, 106, 8, QoS::AtLeastOnce, Some(&mut out)), Delivered::Queued);
+    assert!(s.overfull());
     // Everything queued goes out in order as the client acknowledges: the backlog first.
     let mut sent = Vec::new();
     loop {
@@ -1053,7 +1065,7 @@ fn retained_backlog_is_queued_past_the_limits_and_not_counted_against_live_messa
         sent.push(id);
         s.on_puback(pkid, &mut out);
     }
-    let want: Vec<u32> = (0..20).chain(100..106).collect();
+    let want: Vec<u32> = (0..20).chain(100..107).collect();
     assert_eq!(sent, want);
     assert_eq!((s.queued_len(), s.queued_bytes()), (0, 0));
 }

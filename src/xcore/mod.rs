@@ -205,6 +205,17 @@ impl Mesh {
         self.staged.iter().any(|q| !q.is_empty())
     }
 
+    /// Whether some destination has more staged than its ring has free slots: the next flush cannot
+    /// empty the staging, so the core must not acknowledge more QoS 1/2 PUBLISHes until the consumer
+    /// drains. This bounds what a core has acknowledged but not yet handed to another core to about one
+    /// ring plus one ring of staging per destination (staging itself has no limit of its own).
+    pub fn saturated(&self) -> bool {
+        self.staged
+            .iter()
+            .zip(&self.producers)
+            .any(|(q, p)| !q.is_empty() && p.as_ref().is_some_and(|p| q.len() > p.slots()))
+    }
+
     /// Pushes staged messages into the rings, one chunk per destination. Returns true when everything
     /// fit. Wakes are not sent here but in [`Mesh::wake_peers`], once per tick.
     pub fn flush(&mut self) -> bool {
