@@ -2,7 +2,7 @@
 # Installs the test dependencies a fresh Debian machine lacks (mosquitto-clients, mosquitto for the
 # reference runs, paho-mqtt, pytest, cargo-fuzz), then runs every check: format, lints, unit and
 # property tests, integration tests against the real broker binary on both backends, a short fuzzing
-# run of each cargo-fuzz target, and the paho-mqtt tests.
+# run of each cargo-fuzz target, the swarm loss check (scripts/swarm_check.sh) and the paho-mqtt tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,11 @@ echo "== cargo test (unit, property and integration tests)"
 cargo test --workspace --release
 echo "== fuzzing: decoder and connection state machine, 20 s each (scripts/fuzz.sh 3600 for a long run)"
 bash scripts/fuzz.sh 20
+
+echo "== swarm loss check: every scenario with subscribers at QoS 1 and 2, MQTT 3.1.1 and 5, 1 and 2 threads"
+# A lost or dropped acknowledged message fails the run (a loss is a bug, not a figure).
+cargo build --release --workspace
+bash scripts/swarm_check.sh
 
 for backend in uring epoll; do
   echo "== paho-mqtt tests ($backend backend)"
