@@ -202,6 +202,11 @@ fn main() {
     let sigset = block_signals();
 
     let n = cfg.threads;
+    // Held until exit, like the address claims: one broker per data directory.
+    let _data_lock = cfg
+        .persistence
+        .as_ref()
+        .map(|pc| server::persist::lock_data_dir(&pc.data_dir).unwrap_or_else(|e| fail(e)));
     // Recovery runs before any core starts: each core begins with its part of the state.
     let mut stores: Vec<Option<server::persist::CoreStore>> = match &cfg.persistence {
         Some(pc) => server::persist::open_store(pc, n, settings(&cfg).limits)

@@ -41,6 +41,7 @@ backend_tests!(
     truncated_log_tail_is_cut_and_reported,
     corrupted_log_tail_is_cut_and_reported,
     restart_with_another_thread_count,
+    second_broker_on_the_same_data_dir_is_refused,
 );
 
 /// A config-file problem in `[persistence]` is a startup error naming the key (no backend variants: the
@@ -65,6 +66,43 @@ fn bad_fsync_policy_is_a_config_error() {
     assert!(!st.status.success(), "fsync = \"sometimes\" must be refused: {st:?}");
     assert!(st.stderr.contains("fsync"), "the error names the key: {:?}", st.stderr);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second broker given a data directory another one is using (here on another port) exits with one
+/// line naming the directory, before it recovers or writes anything; the first keeps serving.
+async fn second_broker_on_the_same_data_dir_is_refused(b: Backend) {
+    if skip_unless_coremq("persistence") {
+        return;
+    }
+    let node = Node::new(b, "persist-lock", "interval");
+    let first = node.start(1);
+    let before = files_under(&node.data_dir());
+    let other = free_port();
+    let st = run_coremq_to_exit(&[
+        "--config".into(),
+        node.conf.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{other}"),
+        "--backend".into(),
+        b.as_str().into(),
+    ]);
+    assert_eq!(st.status.code(), Some(2), "second broker on the same data_dir: {st:?}");
+    assert!(
+        st.stderr.contains("in use by another coremq process") && st.stderr.contains("data"),
+        "the error names the directory: {:?}",
+        st.stderr
+    );
+    assert_eq!(st.stderr.lines().count(), 1, "one line: {:?}", st.stderr);
+    assert_eq!(files_under(&node.data_dir()), before, "the refused broker wrote nothing");
+    let mut c = client(node.port, "lock-check").await;
+    c.subscribe("lock/t", qos(1)).await;
+    c.publish("lock/t", qos(1), false, "still here").await;
+    assert_eq!(c.recv().await.payload.as_ref(), b"still here");
+    drop(c);
+    stop_clean(first);
+    // Once the first has exited, the directory is free again.
+    let again = node.start(1);
+    stop_clean(again);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -181,6 +181,19 @@ pub fn claim_address(addr: SocketAddr) -> io::Result<AddressClaim> {
     }
 }
 
+/// Takes an exclusive advisory lock (`flock`) on `path`, creating the file if needed, for as long as the
+/// returned file stays open; the kernel releases it when the process exits, however it exits. Fails with
+/// `WouldBlock` while another process holds it.
+pub fn lock_exclusive(path: &std::path::Path) -> io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    // SAFETY: flock(2) on a descriptor this function owns and keeps open; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// Binds (never listens on) a throwaway socket to `addr` with `SO_REUSEADDR` and without
 /// `SO_REUSEPORT`, and closes it: fails with `AddrInUse` when a socket listens on `addr`.
 fn probe_bind(addr: SocketAddr) -> io::Result<()> {

@@ -47,6 +47,22 @@ fn sync_dir(dir: &Path) -> Result<(), String> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(dir, "cannot sync directory", e))
 }
 
+/// Locks `data_dir` for this process (`data_dir/LOCK`) until the returned file is dropped: two brokers
+/// recovering from and writing to one directory would each rewrite the other's generations. Creates the
+/// directory if needed.
+pub fn lock_data_dir(dir: &Path) -> Result<fs::File, String> {
+    fs::create_dir_all(dir).map_err(|e| err(dir, "cannot create", e))?;
+    let path = dir.join("LOCK");
+    io::lock_exclusive(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => format!(
+            "persistence: {} is in use by another coremq process (it holds the lock on {})",
+            dir.display(),
+            path.display()
+        ),
+        _ => err(&path, "cannot lock", e),
+    })
+}
+
 /// Reads the live generation, rebuilds the state, and writes the next generation for `threads` cores.
 /// Damaged log tails are reported (one line each) and cut off; anything else that prevents a safe start
 /// is an error (one line).
