@@ -1774,7 +1774,8 @@ impl Core {
         }
     }
 
-    /// Closes connections whose keep-alive (or connect timeout) expired. Called about twice a second.
+    /// Closes connections whose keep-alive (or connect timeout) expired. Called every 250 ms
+    /// (`server::SWEEP_INTERVAL`).
     pub fn sweep(&mut self, now: Instant) {
         let expired: SmallVec<[usize; 8]> = self
             .conns
