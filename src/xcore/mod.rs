@@ -7,8 +7,7 @@
 //!
 //! Wake protocol (measured on a 2-vCPU VM: waking on every batch instead cost ten times the wakes and
 //! 40 % of the throughput; this way a saturated ring wakes once per 600–5,000 messages): the consumer
-//! sets `parked`, fences,
-//! re-checks its rings and only then sleeps; a producer pushes a whole batch, fences, and wakes the
+//! sets `parked`, fences, re-checks its rings and only then sleeps; a producer pushes a whole batch, fences, and wakes the
 //! consumer only if it swaps `parked` from true — at most once per destination per loop tick. A full
 //! ring is never a reason to drop: the producer keeps the rest staged, sets `blocked`, and stops reading
 //! its sockets until the consumer, having drained, signals `room`.
