@@ -170,6 +170,14 @@ fn reload(cfg: &Config, cores: &[mpsc::Sender<Reload>]) {
 }
 
 fn main() {
+    // A panic is a bug: unwinding would end only its core's thread, and the other cores would then wait
+    // forever on that core's full rings. Print it as usual, then abort the whole broker. (A hook rather
+    // than `panic = "abort"` in the profile, which would build the library twice for the tests.)
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
