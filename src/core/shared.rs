@@ -118,26 +118,7 @@ impl GroupViews {
     /// should deliver to it: one with ready members, in proportion to their number; if none is ready, one
     /// with online members (a QoS 0 message, or a QoS 1/2 one already past the hold); if none is online,
     /// one with members at all (their persistent sessions queue the message).
-    pub fn pick(&mut self, topic: &str, f: impl FnMut(&Arc<str>, usize)) {
-        self.pick_except(topic, None, f);
-    }
-
-    /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (one that found no
-    /// member of its own when the message arrived). Returns the core, if any has members.
-    pub fn pick_group(&mut self, name: &str, except: Option<usize>) -> Option<usize> {
-        let &slot = self.by_name.get(name)?;
-        let g = self.groups.get_mut(slot)?;
-        g.pick(except, Kinds::Any)
-    }
-
-    /// A core other than `except` with ready members of group `name`, in proportion to their number.
-    pub fn pick_ready_elsewhere(&mut self, name: &str, except: usize) -> Option<usize> {
-        let &slot = self.by_name.get(name)?;
-        let g = self.groups.get_mut(slot)?;
-        g.pick(Some(except), Kinds::Ready)
-    }
-
-    fn pick_except(&mut self, topic: &str, except: Option<usize>, mut f: impl FnMut(&Arc<str>, usize)) {
+    pub fn pick(&mut self, topic: &str, mut f: impl FnMut(&Arc<str>, usize)) {
         if self.groups.is_empty() {
             return;
         }
@@ -145,10 +126,26 @@ impl GroupViews {
         self.index.for_each_match(topic, |slot, _| slots.push(slot));
         for slot in slots {
             let Some(g) = self.groups.get_mut(slot) else { continue };
-            if let Some(core) = g.pick(except, Kinds::Any) {
+            if let Some(core) = g.pick(None, Kinds::Any) {
                 f(&g.name, core);
             }
         }
+    }
+
+    /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (one that found no
+    /// member of its own when the message arrived). Returns the core, if any has members.
+    pub fn pick_group(&mut self, name: &str, except: Option<usize>) -> Option<usize> {
+        self.group_mut(name)?.pick(except, Kinds::Any)
+    }
+
+    /// A core other than `except` with ready members of group `name`, in proportion to their number.
+    pub fn pick_ready_elsewhere(&mut self, name: &str, except: usize) -> Option<usize> {
+        self.group_mut(name)?.pick(Some(except), Kinds::Ready)
+    }
+
+    fn group_mut(&mut self, name: &str) -> Option<&mut GroupView> {
+        let &slot = self.by_name.get(name)?;
+        self.groups.get_mut(slot)
     }
 
     /// Whether some group's filter matches `topic`.
