@@ -184,7 +184,7 @@ impl Harness {
         }
         if matches!(self.clients[slot].phase, Phase::Closed) {
             let core = usize::from((op >> 5) & 1) % self.cores.len();
-            let ctl = Rc::new(ConnCtl::new(None));
+            let ctl = self.cores[core].new_ctl(None);
             let key = self.cores[core].register(ctl.clone());
             self.clients[slot] = Client { phase: Phase::Handshake { core, key, ctl }, buf: BytesMut::new() };
         }
@@ -283,7 +283,7 @@ impl Harness {
         } else {
             // The hand-off: a fresh control block on the home core, counted once.
             self.cores[core].unregister(key, &ctl);
-            let ctl = Rc::new(ConnCtl::new(None));
+            let ctl = self.cores[home].new_ctl(None);
             (self.cores[home].register_handoff(ctl.clone()), ctl)
         };
         connect.detach();

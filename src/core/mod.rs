@@ -8,14 +8,11 @@
 //! Architecture invariant: a session lives on `home_core(client_id)` and nowhere else, so takeover and
 //! session resumption never need another core's state. Cross-core effects go through `Mesh::stage`.
 
-use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -24,7 +21,6 @@ use smallvec::SmallVec;
 
 use crate::auth::password::VerifyCache;
 use crate::auth::AuthFiles;
-use crate::io::Conn;
 use crate::protocol::properties::{self, Properties};
 use crate::protocol::{
     self, reason, Ack, ConnAck, Connect, Disconnect, Packet, ProtocolVersion, Publish, QoS, SubAck,
@@ -38,10 +34,12 @@ use crate::topic::{
 };
 use crate::xcore::{Handoff, Mesh, XMsg};
 
+mod ctl;
 mod durable;
 mod settings;
 mod shared;
 pub use settings::{Settings, SlowSubscriber};
+pub use ctl::{ConnCtl, Shutdown, Writers};
 pub use durable::Persister;
 use shared::{GroupViews, LocalGroups, Members, RANK_BEST};
 
@@ -66,197 +64,6 @@ impl Held {
     /// The reader must stop reading the connection until some are released.
     fn is_full(&self) -> bool {
         self.packets.len() >= HOLD_MESSAGES || self.bytes >= HOLD_BYTES
-    }
-}
-
-/// The control block of one connection, shared by the core (which fills the outbox) and the
-/// connection's reader and writer tasks.
-///
-/// The wake-ups are a flag and a waker slot each rather than `tokio::sync::Notify`: one waiter at a time
-/// is all they ever have, and a waiting `Notify` future (64 bytes) would sit in every idle connection's
-/// writer task for the connection's whole life.
-pub struct ConnCtl {
-    /// The socket, to shut it down on kick; `None` for a connection driven without one (fuzzing).
-    socket: Option<Rc<Conn>>,
-    pub outbox: RefCell<Outbox>,
-    /// Something was queued, or the connection is closing, since the writer last looked.
-    woken: Cell<bool>,
-    /// The writer task, while it waits in [`ConnCtl::writer_wait`].
-    writer_waker: Cell<Option<Waker>>,
-    closing: Cell<bool>,
-    /// Already in the core's dirty list for this tick.
-    dirty: Cell<bool>,
-    /// The writer has flushed what it could and stopped.
-    writer_finished: Cell<bool>,
-    /// Whoever waits in [`ConnCtl::writer_done`].
-    done_waker: Cell<Option<Waker>>,
-    /// While the reader is parked (a quiet connection waiting for its socket without a pending read):
-    /// the token it is parked under; 0 otherwise.
-    parked: Cell<u64>,
-    /// The writer task ended because the reader is parked and nothing was queued
-    /// ([`ConnCtl::retire_writer`]); a wake-up asks for a new one ([`writers_wanted`]).
-    writer_gone: Cell<bool>,
-    /// The writer wrote something since the last sweep: it is not idle, so it does not retire.
-    wrote: Cell<bool>,
-}
-
-thread_local! {
-    /// Writers retired on this core since the last sweep (their memory counts toward a trim).
-    static RETIRED_WRITERS: Cell<usize> = const { Cell::new(0) };
-    /// Park tokens of connections whose retired writer must start again (someone woke it), and the task
-    /// that starts writers, waiting in [`writers_wanted`].
-    static WRITERS_WANTED: RefCell<(Vec<u64>, Option<Waker>)> = const { RefCell::new((Vec::new(), None)) };
-}
-
-/// Completes once some retired writers were woken, and moves their connections' park tokens to `out`.
-/// A token may be stale (the connection was unparked since): the caller checks it.
-pub fn writers_wanted(out: &mut Vec<u64>) -> impl Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| {
-        WRITERS_WANTED.with_borrow_mut(|(tokens, waker)| {
-            if tokens.is_empty() {
-                *waker = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            out.append(tokens);
-            Poll::Ready(())
-        })
-    })
-}
-
-impl ConnCtl {
-    pub fn new(socket: Option<Rc<Conn>>) -> ConnCtl {
-        ConnCtl {
-            socket,
-            outbox: RefCell::new(Outbox::new()),
-            woken: Cell::new(false),
-            writer_waker: Cell::new(None),
-            closing: Cell::new(false),
-            dirty: Cell::new(false),
-            writer_finished: Cell::new(false),
-            done_waker: Cell::new(None),
-            parked: Cell::new(0),
-            writer_gone: Cell::new(false),
-            wrote: Cell::new(false),
-        }
-    }
-
-    pub fn is_closing(&self) -> bool {
-        self.closing.get()
-    }
-
-    /// Wakes the writer task: something was queued, or the connection is closing. Not lost when the
-    /// writer is busy: its next [`ConnCtl::writer_wait`] returns at once.
-    ///
-    /// A retired writer (see [`ConnCtl::retire_writer`]) is asked for again on the first wake-up since
-    /// it retired: later ones find `woken` already set.
-    pub fn wake_writer(&self) {
-        let was_woken = self.woken.replace(true);
-        if let Some(w) = self.writer_waker.take() {
-            w.wake();
-        } else if self.writer_gone.get() && !was_woken {
-            let token = self.parked.get();
-            WRITERS_WANTED.with_borrow_mut(|(tokens, waker)| {
-                tokens.push(token);
-                if let Some(w) = waker.take() {
-                    w.wake();
-                }
-            });
-        }
-    }
-
-    /// The reader parked under `token` (0: it is reading again). Parking wakes a writer that has been
-    /// idle since the last sweep, so that it retires at once.
-    pub fn set_parked(&self, token: u64) {
-        self.parked.set(token);
-        if token != 0 && !self.wrote.get() {
-            self.wake_writer();
-        }
-    }
-
-    /// Called by the writer after each write.
-    pub fn set_wrote(&self) {
-        self.wrote.set(true);
-    }
-
-    /// Called by every sweep: a parked connection's writer that wrote nothing since the previous sweep
-    /// is woken to retire. A writer that keeps writing (a subscriber that never talks still gets its
-    /// messages) never retires, so a busy connection never pays a task start per batch.
-    pub fn sweep_writer(&self) {
-        let wrote = self.wrote.replace(false);
-        if !wrote && self.parked.get() != 0 && !self.writer_gone.get() {
-            self.wake_writer();
-        }
-    }
-
-    /// The writer has nothing to write: if the reader is parked, the writer wrote nothing since the last
-    /// sweep and the connection is not closing, the writer may end its task (true) instead of waiting;
-    /// the next wake-up asks for a new one. Called by the writer just before it would wait.
-    pub fn retire_writer(&self) -> bool {
-        let mut ob = self.outbox.borrow_mut();
-        if self.parked.get() == 0 || self.wrote.get() || self.closing.get() || !ob.is_empty() {
-            return false;
-        }
-        // A connection without a writer keeps no outbox allocation either.
-        ob.shrink_to_fit();
-        self.writer_gone.set(true);
-        RETIRED_WRITERS.set(RETIRED_WRITERS.get() + 1);
-        // Whatever woke it was handled: the next wake-up must ask for a writer.
-        self.woken.set(false);
-        true
-    }
-
-    /// Whether the writer had retired; a caller that gets `true` must start a new writer task.
-    pub fn take_writer_gone(&self) -> bool {
-        self.writer_gone.replace(false)
-    }
-
-    /// The writer waits here for [`ConnCtl::wake_writer`] (one waiter: the connection's writer).
-    pub fn writer_wait(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.woken.replace(false) {
-                return Poll::Ready(());
-            }
-            self.writer_waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-    }
-
-    /// Asks the writer to flush what is queued and then close the socket.
-    pub fn close(&self) {
-        self.closing.set(true);
-        self.wake_writer();
-    }
-
-    /// Called by the writer when it stops.
-    pub fn set_writer_finished(&self) {
-        self.writer_finished.set(true);
-        if let Some(w) = self.done_waker.take() {
-            w.wake();
-        }
-    }
-
-    /// Completes once the writer has stopped (one waiter: the connection's reader).
-    pub fn writer_done(&self) -> impl Future<Output = ()> + '_ {
-        std::future::poll_fn(move |cx| {
-            if self.writer_finished.get() {
-                return Poll::Ready(());
-            }
-            self.done_waker.set(Some(cx.waker().clone()));
-            Poll::Pending
-        })
-    }
-
-    pub fn writer_finished(&self) -> bool {
-        self.writer_finished.get()
-    }
-
-    /// Closes at once (takeover, keep-alive expiry, shutdown): the socket is shut down so that the
-    /// reader's pending read and any stuck write complete now.
-    pub fn kick(&self) {
-        self.close();
-        if let Some(s) = &self.socket {
-            s.shutdown();
-        }
     }
 }
 
@@ -357,6 +164,8 @@ pub struct Core {
     retained: RetainedTree<Message>,
     pub mesh: Mesh,
     dirty: Vec<Rc<ConnCtl>>,
+    /// The retired writers of this core's connections.
+    writers: Rc<Writers>,
     pub stats: Stats,
     /// Connections handed to this core, waiting for the runtime to spawn their tasks.
     pub handoffs: Vec<Handoff>,
@@ -490,6 +299,7 @@ impl Core {
             retained: RetainedTree::new(),
             mesh,
             dirty: Vec::new(),
+            writers: Rc::default(),
             stats: Stats::new(),
             handoffs: Vec::new(),
             inbound: Vec::new(),
@@ -510,6 +320,16 @@ impl Core {
             subscribing: false,
             persist: None,
         }
+    }
+
+    /// A control block for a new connection of this core; `socket` shuts its socket down on a kick.
+    pub fn new_ctl(&self, socket: Option<Rc<dyn Shutdown>>) -> Rc<ConnCtl> {
+        Rc::new(ConnCtl::new(socket, self.writers.clone()))
+    }
+
+    /// The pool the task that restarts retired writers waits on.
+    pub fn writers(&self) -> Rc<Writers> {
+        self.writers.clone()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -1751,7 +1571,7 @@ impl Core {
             }
             c.ctl.sweep_writer();
         }
-        self.freed_since_trim += RETIRED_WRITERS.take();
+        self.freed_since_trim += self.writers.take_retired();
         let quiet = self.freed_since_trim == self.freed_at_last_sweep;
         self.freed_at_last_sweep = self.freed_since_trim;
         if self.freed_since_trim >= TRIM_AFTER_CLOSES || (quiet && self.freed_since_trim >= TRIM_AFTER_QUIET)

@@ -160,7 +160,7 @@ pub async fn serve_new(
     permit: ConnPermit,
 ) {
     let conn = Rc::new(conn);
-    let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
+    let ctl = core.borrow().new_ctl(Some(conn.clone()));
     let key = core.borrow_mut().register(ctl.clone());
     let tls = match &transport.tls {
         Some(config) => match handshake(&conn, &ctl, config).await {
@@ -320,7 +320,7 @@ pub fn serve_handoff(core: CoreRef, h: Handoff) {
             return;
         }
     };
-    let ctl = Rc::new(ConnCtl::new(Some(conn.clone())));
+    let ctl = core.borrow().new_ctl(Some(conn.clone()));
     let key = core.borrow_mut().register_handoff(ctl.clone());
     start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
 }
@@ -871,5 +871,12 @@ fn encode_outbox(ob: &mut Outbox, st: &mut OutState, iov: &mut Vec<Bytes>, stamp
 fn push_head(head: &mut BytesMut, iov: &mut Vec<Bytes>) {
     if !head.is_empty() {
         iov.push(head.split().freeze());
+    }
+}
+
+/// The core shuts a socket down on a kick through this (it names no I/O type itself).
+impl crate::core::Shutdown for Conn {
+    fn shutdown(&self) {
+        Conn::shutdown(self);
     }
 }

@@ -148,6 +148,7 @@ async fn unpark_task(core: CoreRef) {
     let Some(idle) = core.idle.as_ref() else { return };
     let mut readable = Vec::new();
     let mut writable = Vec::new();
+    let writers = core.borrow().writers();
     loop {
         tokio::select! {
             r = idle.wait(&mut readable) => {
@@ -157,7 +158,7 @@ async fn unpark_task(core: CoreRef) {
                     io::sleep(Duration::from_millis(100)).await;
                 }
             }
-            () = crate::core::writers_wanted(&mut writable) => {}
+            () = writers.wanted(&mut writable) => {}
         }
         for token in writable.drain(..) {
             conn::start_writer(&core, token);
