@@ -64,6 +64,35 @@ fn pure_modules_do_no_io() {
 }
 
 #[test]
+fn the_core_reads_no_clock_and_names_no_io() {
+    // Every entry point of the core, the session and QoS machines, the topic index, the codec and the
+    // log format is given the time; only the runtime reads the clocks.
+    for (file, text) in sources() {
+        let timeless = ["core/", "session/", "topic/", "protocol/", "persist/"];
+        if !timeless.iter().any(|p| file.starts_with(p)) || file.ends_with("tests.rs") {
+            continue;
+        }
+        for word in ["Instant::now", "SystemTime::now"] {
+            assert!(
+                !code_lines(&text).any(|l| l.contains(word)),
+                "{file} reads the clock ({word}): pass the time in"
+            );
+        }
+    }
+    for (file, text) in sources() {
+        if !file.starts_with("core/") {
+            continue;
+        }
+        for word in ["crate::io", "crate::server", "tokio", "std::net", "std::fs", "thread_local!"] {
+            assert!(
+                !code_lines(&text).any(|l| l.contains(word)),
+                "{file} uses {word}: the core does no I/O and keeps no per-thread globals"
+            );
+        }
+    }
+}
+
+#[test]
 fn broker_state_is_never_behind_a_lock() {
     for (file, text) in sources() {
         for word in ["Mutex", "RwLock"] {

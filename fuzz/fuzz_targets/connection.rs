@@ -150,16 +150,17 @@ impl Harness {
                     .expect("valid ACL")
             }),
         };
+        let start = Instant::now();
         let cores = build_mesh(n_cores, RING_CAPACITY)
             .into_iter()
             .enumerate()
-            .map(|(id, mesh)| Core::new(id, settings.clone(), mesh))
+            .map(|(id, mesh)| Core::new(id, settings.clone(), mesh, wall(start)))
             .collect();
         Harness {
             cores,
             clients: (0..clients).map(|_| Client { phase: Phase::Closed, buf: BytesMut::new() }).collect(),
             max_packet,
-            now: Instant::now(),
+            now: start,
         }
     }
 
@@ -174,8 +175,8 @@ impl Harness {
         if !step.is_zero() {
             self.now += step;
             for core in &mut self.cores {
-                core.sweep(self.now);
-                core.end_batch();
+                core.sweep(wall(self.now));
+                core.end_batch(self.now);
             }
             self.settle();
         }
@@ -185,7 +186,7 @@ impl Harness {
         if matches!(self.clients[slot].phase, Phase::Closed) {
             let core = usize::from((op >> 5) & 1) % self.cores.len();
             let ctl = self.cores[core].new_ctl(None);
-            let key = self.cores[core].register(ctl.clone());
+            let key = self.cores[core].register(ctl.clone(), self.now);
             self.clients[slot] = Client { phase: Phase::Handshake { core, key, ctl }, buf: BytesMut::new() };
         }
         self.clients[slot].buf.extend_from_slice(bytes);
@@ -202,8 +203,8 @@ impl Harness {
             Phase::Closed => {}
             Phase::Handshake { core, key, ctl } => self.cores[core].unregister(key, &ctl),
             Phase::Established { core, key, ctl, .. } => {
-                self.cores[core].conn_closed(key, &ctl, false);
-                self.cores[core].end_batch();
+                self.cores[core].conn_closed(key, &ctl, false, self.now);
+                self.cores[core].end_batch(self.now);
             }
         }
         self.settle();
@@ -218,7 +219,7 @@ impl Harness {
         let ctl = ctl.clone();
         let c = &mut self.cores[core];
         c.touch(key, self.now);
-        c.drain_inbound();
+        c.drain_inbound(self.now);
         let mut flow = Flow::Continue;
         while flow == Flow::Continue && !ctl.is_closing() {
             match decode(&mut self.clients[slot].buf, version, self.max_packet) {
@@ -233,7 +234,7 @@ impl Harness {
         if let Flow::Close(code, why) = flow {
             c.send_disconnect(key, code, why);
         }
-        c.end_batch();
+        c.end_batch(self.now);
         let graceful = match flow {
             Flow::Continue if !ctl.is_closing() => return,
             Flow::Disconnect { will } => !will,
@@ -244,8 +245,8 @@ impl Harness {
             }
         };
         trace!("client {slot}: reader ends after {flow:?}");
-        c.conn_closed(key, &ctl, graceful);
-        c.end_batch();
+        c.conn_closed(key, &ctl, graceful, self.now);
+        c.end_batch(self.now);
         self.clients[slot] = Client { phase: Phase::Closed, buf: BytesMut::new() };
     }
 
@@ -275,7 +276,7 @@ impl Harness {
         }
         let assigned = connect.client_id.is_empty();
         if assigned {
-            connect.client_id = self.cores[core].assign_client_id();
+            connect.client_id = self.cores[core].assign_client_id(self.now);
         }
         let home = home_core(connect.client_id.as_str(), self.cores.len());
         let (key, ctl) = if home == core {
@@ -284,13 +285,13 @@ impl Harness {
             // The hand-off: a fresh control block on the home core, counted once.
             self.cores[core].unregister(key, &ctl);
             let ctl = self.cores[home].new_ctl(None);
-            (self.cores[home].register_handoff(ctl.clone()), ctl)
+            (self.cores[home].register_handoff(ctl.clone(), self.now), ctl)
         };
         connect.detach();
         let version = connect.protocol;
         trace!("client {slot} -> {connect:?} (core {core}, home {home})");
-        self.cores[home].connect(key, *connect, assigned);
-        self.cores[home].end_batch();
+        self.cores[home].connect(key, *connect, assigned, self.now);
+        self.cores[home].end_batch(self.now);
         self.clients[slot].phase = Phase::Established { core: home, key, ctl, version };
     }
 
@@ -316,8 +317,8 @@ impl Harness {
         for _ in 0..MAX_PUMP_ROUNDS {
             let mut moved = 0;
             for core in &mut self.cores {
-                moved += core.drain_inbound();
-                core.end_batch();
+                moved += core.drain_inbound(self.now);
+                core.end_batch(self.now);
             }
             if moved == 0 && self.cores.iter().all(|c| !c.is_blocked()) {
                 break;
@@ -343,8 +344,8 @@ impl Harness {
                 trace!("client {slot}: closed by the broker");
                 // The reader sees its socket shut down and reports the end, which must be harmless for a
                 // connection the core already forgot.
-                self.cores[core].conn_closed(key, &ctl, false);
-                self.cores[core].end_batch();
+                self.cores[core].conn_closed(key, &ctl, false, self.now);
+                self.cores[core].end_batch(self.now);
                 self.clients[slot] = Client { phase: Phase::Closed, buf: BytesMut::new() };
             }
         }
@@ -357,8 +358,8 @@ impl Harness {
         }
         self.now += Duration::from_secs(1 << 20);
         for core in &mut self.cores {
-            core.sweep(self.now);
-            core.end_batch();
+            core.sweep(wall(self.now));
+            core.end_batch(self.now);
         }
         self.settle();
     }
@@ -433,4 +434,9 @@ fn decode_whole(mut buf: BytesMut, version: ProtocolVersion) -> Packet {
 /// A topic the broker sends must be a valid topic name (no wildcards, not empty).
 fn check_topic(topic: &str) {
     assert!(valid_topic_name(topic), "the broker sent a PUBLISH on the invalid topic {topic:?}");
+}
+
+/// The simulated present on both clocks (the Unix side is fixed: only its difference matters here).
+fn wall(now: Instant) -> coremq::persist::Clock {
+    coremq::persist::Clock { instant: now, unix_ms: 1_700_000_000_000 }
 }

@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::rc::Rc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use smallvec::SmallVec;
@@ -83,12 +83,6 @@ impl Persister {
             snapshot_at: 0,
             snapshot_len: 0,
         }
-    }
-
-    /// Both clocks now, to store times that survive a restart.
-    pub fn clock() -> Clock {
-        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        Clock { instant: Instant::now(), unix_ms }
     }
 
     /// Appends one record.
@@ -227,8 +221,9 @@ impl super::Core {
         &mut self,
         sessions: Vec<(RecoveredSession, u32)>,
         retained: Vec<crate::session::Message>,
+        now: Instant,
     ) {
-        let now = Instant::now();
+        self.at(now);
         for m in retained {
             if !m.payload.is_empty() {
                 let topic = m.topic.clone();
@@ -285,19 +280,23 @@ impl super::Core {
 
     /// Appends one record to this core's log, if persistence is on.
     pub(super) fn log(&mut self, r: Record) {
+        let clock = self.clock();
         if let Some(p) = &mut self.persist {
-            p.append(&r, &Persister::clock());
+            p.append(&r, &clock);
         }
     }
 
     /// Logs what changed in a persisted session's message state since the last call.
     pub(super) fn log_journal(&mut self, skey: usize) {
+        if self.persist.is_none() {
+            return;
+        }
+        let clock = self.clock();
         let (Some(p), Some(se)) = (&mut self.persist, self.sessions.get_mut(skey)) else { return };
         let Some(sid) = se.sid else { return };
         let mut changes = std::mem::take(&mut p.changes);
         se.session.drain_journal(&mut changes);
         if !changes.is_empty() {
-            let clock = Persister::clock();
             for change in changes.drain(..) {
                 p.append(&Record::Change { sid, change }, &clock);
             }
@@ -308,9 +307,9 @@ impl super::Core {
     /// Starts, updates or stops persisting a session after its expiry may have changed: persisted while
     /// persistence is on and the session outlives its connection.
     pub(super) fn persist_session(&mut self, skey: usize) {
+        let clock = self.clock();
         let Some(p) = &mut self.persist else { return };
         let Some(se) = self.sessions.get_mut(skey) else { return };
-        let clock = Persister::clock();
         match (se.expiry > 0, se.sid) {
             (true, None) => {
                 let sid = p.new_sid();
@@ -400,12 +399,13 @@ impl super::Core {
     /// persisted session renumbered, and the retained messages this core owns. Returns it, the records
     /// appended before it and not yet taken (the log task writes them to the old file first, so that a
     /// crash before the new file replaces it loses nothing), and the log position the snapshot stands for.
-    pub fn take_snapshot(&mut self, force: bool) -> Option<(bytes::Bytes, bytes::Bytes, u64)> {
+    pub fn take_snapshot(&mut self, force: bool, now: Instant) -> Option<(bytes::Bytes, bytes::Bytes, u64)> {
+        self.at(now);
         let due = self.persist.as_ref().is_some_and(|p| force || p.compaction_due());
         if !due {
             return None;
         }
-        let clock = Persister::clock();
+        let clock = self.clock();
         let mut records = Vec::new();
         let mut sid = 0u32;
         for (_, se) in self.sessions.iter_mut() {

@@ -38,12 +38,12 @@ mod ctl;
 mod durable;
 mod settings;
 mod shared;
-pub use settings::{Settings, SlowSubscriber};
 pub use ctl::{ConnCtl, Shutdown, Writers};
 pub use durable::Persister;
+pub use settings::{Settings, SlowSubscriber};
 use shared::{GroupViews, LocalGroups, Members, RANK_BEST};
 
-use crate::persist::Record;
+use crate::persist::{Clock, Record};
 
 /// A connection holds at most this many QoS 1/2 PUBLISHes (or [`HOLD_BYTES`] of them) waiting for a
 /// congested subscriber before the broker stops reading it. Below that it keeps reading, so the
@@ -206,6 +206,12 @@ pub struct Core {
     /// Connections the broker closed after queueing a v5 DISCONNECT: their writer flushes it, and they are
     /// shut down hard at the deadline if it could not.
     lingering: Vec<(Rc<ConnCtl>, Instant)>,
+    /// The time the current entry point was called with (every entry point takes it: the core reads no
+    /// clock), never going backwards.
+    now: Instant,
+    /// The wall clock at some recent `now` (given at creation and by every sweep): what Unix times the
+    /// core writes (session records, assigned client ids) are derived from.
+    wall: Clock,
 }
 
 /// How long a connection closed by the broker with a v5 DISCONNECT may take to flush it.
@@ -281,8 +287,10 @@ pub fn message_props(p: Option<&Properties>, now: Instant) -> Option<Arc<MsgProp
 }
 
 impl Core {
-    pub fn new(id: usize, settings: Settings, mesh: Mesh) -> Core {
+    pub fn new(id: usize, settings: Settings, mesh: Mesh, wall: Clock) -> Core {
         Core {
+            now: wall.instant,
+            wall,
             id,
             settings,
             conns: Slab::new(),
@@ -332,6 +340,16 @@ impl Core {
         self.writers.clone()
     }
 
+    /// Every entry point starts here: the time it was given becomes the core's present.
+    fn at(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    /// The present on both clocks, for records that must survive a restart.
+    fn clock(&self) -> Clock {
+        Clock { instant: self.now, unix_ms: self.wall.to_unix_ms(self.now) }
+    }
+
     pub fn settings(&self) -> &Settings {
         &self.settings
     }
@@ -341,13 +359,12 @@ impl Core {
     }
 
     /// A fresh client id for a client that sent an empty one (MQTT-3.1.3-6), unique across cores.
-    pub fn assign_client_id(&mut self) -> Utf8Bytes {
+    pub fn assign_client_id(&mut self, now: Instant) -> Utf8Bytes {
+        self.at(now);
         self.assigned_ids += 1;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
-        Utf8Bytes::copy_from_str(&format!("auto-{}-{:x}-{}", self.id, nanos, self.assigned_ids))
+        // Unique across cores (the core id) and across restarts (the time).
+        let unix_ms = self.clock().unix_ms;
+        Utf8Bytes::copy_from_str(&format!("auto-{}-{:x}-{}", self.id, unix_ms, self.assigned_ids))
     }
 
     /// Whether the CONNECT's credentials admit it on a listener with `allow_anonymous`: a client without
@@ -377,11 +394,12 @@ impl Core {
     }
 
     /// Starts tracking a new connection; it must send CONNECT within `connect_timeout`.
-    pub fn register(&mut self, ctl: Rc<ConnCtl>) -> usize {
+    pub fn register(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> usize {
+        self.at(now);
         self.stats.connections += 1;
         self.conns.insert(ConnEntry {
             ctl,
-            last_seen: Instant::now(),
+            last_seen: now,
             timeout: Some(self.settings.connect_timeout),
             session: None,
             will: None,
@@ -404,8 +422,8 @@ impl Core {
     }
 
     /// Counts a handed-off connection once: it was counted where it was accepted.
-    pub fn register_handoff(&mut self, ctl: Rc<ConnCtl>) -> usize {
-        let key = self.register(ctl);
+    pub fn register_handoff(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> usize {
+        let key = self.register(ctl, now);
         self.stats.connections -= 1;
         key
     }
@@ -413,6 +431,7 @@ impl Core {
     /// Something arrived on the connection at `now`: keep-alive restarts. Returns how long the connection
     /// had been silent before (the reader parks a connection that is usually quiet).
     pub fn touch(&mut self, key: usize, now: Instant) -> Duration {
+        self.at(now);
         match self.conns.get_mut(key) {
             Some(c) => now.saturating_duration_since(std::mem::replace(&mut c.last_seen, now)),
             None => Duration::ZERO,
@@ -422,8 +441,8 @@ impl Core {
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
     /// `assigned`: the broker chose the client id (a v5 client is told it in CONNACK).
-    pub fn connect(&mut self, key: usize, c: Connect, assigned: bool) {
-        let now = Instant::now();
+    pub fn connect(&mut self, key: usize, c: Connect, assigned: bool, now: Instant) {
+        self.at(now);
         let Connect { protocol, clean_session, keep_alive, client_id, will, username, properties, .. } = c;
         let v5 = protocol == ProtocolVersion::V5;
         // Clean session = false is a session that never expires on 3.1.1 (unless config caps it).
@@ -639,6 +658,7 @@ impl Core {
 
     /// Handles one packet from an established connection.
     pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
+        self.at(now);
         let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
             return Flow::Close(reason::PROTOCOL_ERROR, "packet before CONNECT");
         };
@@ -1173,7 +1193,7 @@ impl Core {
                 }
             }
         }
-        if msg.props.as_ref().is_some_and(|p| p.expires.is_some()) && msg.expired(Instant::now()) {
+        if msg.props.as_ref().is_some_and(|p| p.expires.is_some()) && msg.expired(self.now) {
             // MQTT-3.3.2-5: an expired message is not delivered.
             return;
         }
@@ -1324,7 +1344,7 @@ impl Core {
         }
         // In-broker latency of a retained message starts when the subscription asks for it, not when
         // it was published: restamp it so the histogram stays meaningful.
-        let now = Instant::now();
+        let now = self.now;
         self.subscribing = true;
         for (mut m, opts) in found {
             let qos = m.qos.min(opts.qos);
@@ -1451,7 +1471,7 @@ impl Core {
             self.stats.denied += 1;
             return;
         }
-        let now = Instant::now();
+        let now = self.now;
         let props = message_props((!w.properties.is_empty()).then_some(&w.properties), now);
         self.publish(Message {
             topic: w.topic,
@@ -1465,7 +1485,8 @@ impl Core {
 
     /// The connection's reader ended. `graceful`: DISCONNECT was received (no will). What is queued for
     /// the client (a CONNACK before a protocol error, say) is still written before the socket closes.
-    pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool) {
+    pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool, now: Instant) {
+        self.at(now);
         if self.is_current(key, ctl) {
             self.close_conn(key, graceful, None);
         }
@@ -1483,7 +1504,7 @@ impl Core {
         if let Some((code, why)) = kick {
             if self.send_disconnect(key, code, why) {
                 if let Some(c) = self.conns.get(key) {
-                    self.lingering.push((c.ctl.clone(), Instant::now() + LINGER));
+                    self.lingering.push((c.ctl.clone(), self.now + LINGER));
                 }
             } else if let Some(c) = self.conns.get(key) {
                 c.ctl.kick();
@@ -1497,7 +1518,7 @@ impl Core {
             self.released = true;
         }
         entry.ctl.close();
-        let now = Instant::now();
+        let now = self.now;
         let mut will = if graceful { None } else { entry.will };
         let delay = will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
         if let Some(skey) = entry.session {
@@ -1526,7 +1547,7 @@ impl Core {
                     self.end_session(skey);
                 } else {
                     if let Some(sid) = se.sid {
-                        let unix_ms = durable::Persister::clock().unix_ms;
+                        let unix_ms = self.clock().unix_ms;
                         self.log(Record::Offline { sid, unix_ms });
                     }
                     let Some(se) = self.sessions.get_mut(skey) else { return };
@@ -1549,7 +1570,11 @@ impl Core {
 
     /// Closes connections whose keep-alive (or connect timeout) expired. Called every 250 ms
     /// (`server::SWEEP_INTERVAL`).
-    pub fn sweep(&mut self, now: Instant) {
+    /// `wall` is the present on both clocks: the core's Unix times follow the wall clock from here on.
+    pub fn sweep(&mut self, wall: Clock) {
+        let now = wall.instant;
+        self.at(now);
+        self.wall = wall;
         let expired: SmallVec<[usize; 8]> = self
             .conns
             .iter()
@@ -1680,7 +1705,8 @@ impl Core {
     }
 
     /// Processes what other cores sent. Returns how many messages were taken.
-    pub fn drain_inbound(&mut self) -> usize {
+    pub fn drain_inbound(&mut self, now: Instant) -> usize {
+        self.at(now);
         if self.inbound_paused() {
             return 0;
         }
@@ -1764,7 +1790,8 @@ impl Core {
     }
 
     /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
-    pub fn end_batch(&mut self) {
+    pub fn end_batch(&mut self, now: Instant) {
+        self.at(now);
         // PUBLISHes held for ring room: what this batch staged goes first, and they follow if it all fit
         // (if not, the consumer signals room and the room task calls this again).
         if self.retry_on_room && self.mesh.flush() {
@@ -1794,7 +1821,8 @@ impl Core {
     /// Graceful shutdown: close every connection (no wills: the broker, not the client, is going away).
     /// v5 clients are sent DISCONNECT 0x8B first; the returned connections are those whose writer should
     /// get a moment to flush it before the runtime stops (then [`ConnCtl::kick`] them).
-    pub fn close_all(&mut self) -> Vec<Rc<ConnCtl>> {
+    pub fn close_all(&mut self, now: Instant) -> Vec<Rc<ConnCtl>> {
+        self.at(now);
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         let mut flushing = Vec::new();
         for key in keys {
@@ -1807,7 +1835,7 @@ impl Core {
                 c.ctl.kick();
             }
         }
-        self.end_batch();
+        self.end_batch(now);
         self.conns.clear();
         flushing
     }

@@ -161,7 +161,7 @@ pub async fn serve_new(
 ) {
     let conn = Rc::new(conn);
     let ctl = core.borrow().new_ctl(Some(conn.clone()));
-    let key = core.borrow_mut().register(ctl.clone());
+    let key = core.borrow_mut().register(ctl.clone(), Instant::now());
     let tls = match &transport.tls {
         Some(config) => match handshake(&conn, &ctl, config).await {
             Some(session) => Some(Rc::new(TlsConn::new(session))),
@@ -269,7 +269,7 @@ pub async fn serve_new(
     }
     let assigned = connect.client_id.is_empty();
     if assigned {
-        connect.client_id = core.borrow_mut().assign_client_id();
+        connect.client_id = core.borrow_mut().assign_client_id(Instant::now());
     }
     let (me, cores) = {
         let c = core.borrow();
@@ -296,7 +296,7 @@ pub async fn serve_new(
             let mut c = core.borrow_mut();
             let h = Handoff { stream, connect, assigned, buffered: buf, permit, tls };
             c.mesh.stage(home, XMsg::Handoff(h));
-            c.end_batch();
+            c.end_batch(Instant::now());
             drop(c);
             schedule_tick(&core);
         }
@@ -321,7 +321,7 @@ pub fn serve_handoff(core: CoreRef, h: Handoff) {
         }
     };
     let ctl = core.borrow().new_ctl(Some(conn.clone()));
-    let key = core.borrow_mut().register_handoff(ctl.clone());
+    let key = core.borrow_mut().register_handoff(ctl.clone(), Instant::now());
     start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
 }
 
@@ -425,8 +425,8 @@ fn start(
         // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
         let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
         let mut c = core.borrow_mut();
-        c.connect(key, connect, assigned);
-        c.end_batch();
+        c.connect(key, connect, assigned, Instant::now());
+        c.end_batch(Instant::now());
         (version, aliases, c.settings().max_packet_size)
     };
     schedule_tick(&core);
@@ -558,8 +558,8 @@ fn reading(
                 let mut c = core.borrow_mut();
                 // Subscriptions and retained messages other cores sent before this data arrived must be
                 // visible to it ("subscribe takes effect at once"), so take them first; usually a no-op.
-                c.drain_inbound();
                 let now = Instant::now();
+                c.drain_inbound(now);
                 let mut flow = Flow::Continue;
                 while flow == Flow::Continue && !r.ctl.is_closing() {
                     match protocol::decode(&mut buf, r.version, r.max_packet) {
@@ -578,7 +578,7 @@ fn reading(
                     // v5: tell the client why before closing (MQTT-4.13.1-1).
                     c.send_disconnect(r.key, code, why);
                 }
-                c.end_batch();
+                c.end_batch(now);
                 flow
             };
             after_batch(&core);
@@ -623,8 +623,9 @@ fn reading(
         };
         {
             let mut c = core.borrow_mut();
-            c.conn_closed(r.key, &r.ctl, graceful);
-            c.end_batch();
+            let now = Instant::now();
+            c.conn_closed(r.key, &r.ctl, graceful, now);
+            c.end_batch(now);
         }
         schedule_tick(&core);
         r.ctl.close();

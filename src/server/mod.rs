@@ -175,7 +175,7 @@ async fn room_task(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
         signals[id].room.notified().await;
         {
             let mut c = core.borrow_mut();
-            c.end_batch();
+            c.end_batch(Instant::now());
         }
         after_batch(&core);
         if !core.borrow().is_blocked() {
@@ -194,8 +194,8 @@ async fn sweeper(core: CoreRef, reload: Receiver<Reload>) {
                 // New connections use the new certificates; established ones keep their sessions.
                 *core.tls.borrow_mut() = r.tls;
             }
-            c.sweep(Instant::now());
-            c.end_batch();
+            c.sweep(wall_clock());
+            c.end_batch(Instant::now());
         }
         after_batch(&core);
         if core.borrow_mut().take_trim_due() {
@@ -243,8 +243,8 @@ async fn xcore_loop(core: CoreRef, signals: Arc<[Signal]>, id: usize) {
     loop {
         let n = {
             let mut c = core.borrow_mut();
-            let n = c.drain_inbound();
-            c.end_batch();
+            let n = c.drain_inbound(Instant::now());
+            c.end_batch(Instant::now());
             n
         };
         after_batch(&core);
@@ -288,7 +288,7 @@ pub async fn run_core(setup: CoreSetup) {
     }
     let signals = mesh.signals().clone();
     let core: CoreRef = Rc::new(CoreCell {
-        core: RefCell::new(Core::new(id, settings, mesh)),
+        core: RefCell::new(Core::new(id, settings, mesh, wall_clock())),
         tick: Notify::new(),
         tick_scheduled: Cell::new(false),
         unblocked: Notify::new(),
@@ -308,12 +308,12 @@ pub async fn run_core(setup: CoreSetup) {
         {
             let mut c = core.borrow_mut();
             c.enable_persistence(fsync == crate::config::FsyncPolicy::Always, last_sid);
-            c.restore(sessions, retained);
+            c.restore(sessions, retained, Instant::now());
             if let Some(p) = &mut c.persist {
                 // The file already holds this core's snapshot: compaction is measured from it.
                 p.snapshot_len = len;
             }
-            c.end_batch();
+            c.end_batch(Instant::now());
         }
         io::spawn_local(persist::log_task(core.clone(), file, path, len, fsync, fsync_interval));
     }
@@ -333,7 +333,7 @@ pub async fn run_core(setup: CoreSetup) {
     for l in &listening {
         l.close();
     }
-    let flushing = core.borrow_mut().close_all();
+    let flushing = core.borrow_mut().close_all(Instant::now());
     // v5 clients were sent DISCONNECT 0x8B: give their writers a moment to flush it, then cut.
     let deadline = Instant::now() + SHUTDOWN_FLUSH;
     while !flushing.iter().all(|c| c.writer_finished()) && Instant::now() < deadline {
@@ -351,4 +351,12 @@ pub async fn run_core(setup: CoreSetup) {
     }
     let stats = core.borrow().stats.clone();
     let _ = done.send((id, stats));
+}
+
+/// The present on both clocks: the runtime reads the clocks, the core is given the time.
+pub fn wall_clock() -> crate::persist::Clock {
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    crate::persist::Clock { instant: Instant::now(), unix_ms }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::{after_batch, shutting_down, CoreRef};
 use crate::config::{FsyncPolicy, PersistenceConfig};
-use crate::core::{home_core, Persister};
+use crate::core::home_core;
 use crate::io;
 use crate::persist::{self, read_log, recover, snapshot_session, Record, RecoveredSession, Tail, LOG_MAGIC};
 use crate::session::{Limits, Message};
@@ -76,7 +76,7 @@ pub fn open_store(cfg: &PersistenceConfig, threads: usize, limits: Limits) -> Re
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(err(&current_path, "cannot read", e)),
     };
-    let clock = Persister::clock();
+    let clock = crate::server::wall_clock();
     let mut logs = Vec::new();
     let mut generation = 0u64;
     if let Some(name) = &current {
@@ -231,7 +231,7 @@ pub async fn log_task(
     let mut unsynced = false;
     let mut last_sync = Instant::now();
     loop {
-        let snap = core.borrow_mut().take_snapshot(false);
+        let snap = core.borrow_mut().take_snapshot(false, Instant::now());
         if let Some((snapshot, before, pos)) = snap {
             // What preceded the snapshot goes to the old file first: until the rename, that file is the log.
             let n = before.len() as u64;
@@ -300,6 +300,6 @@ pub async fn log_task(
 
 /// Sends what became durable (held acknowledgements, confirmations to other cores).
 fn finish(core: &CoreRef) {
-    core.borrow_mut().end_batch();
+    core.borrow_mut().end_batch(Instant::now());
     after_batch(core);
 }
