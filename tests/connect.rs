@@ -22,9 +22,11 @@ backend_tests!(
     pingreq_gets_pingresp,
     oversized_packet_closes_connection,
     connack_precedes_close_when_violation_shares_the_write,
-    non_connect_first_byte_closed_at_once,
     quiet_connections_park_and_are_served_again,
 );
+
+// Its assertion is a wall-clock threshold (closed within 1 s): run by scripts/test.sh, not by default.
+stress_backend_tests!(non_connect_first_byte_closed_at_once);
 
 async fn v311_accepted(b: Backend) {
     let broker = Broker::start(b);

@@ -18,14 +18,20 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 backend_tests!(
+    qos2_flows_survive_kills,
+    self_subscriber_flood_does_not_deadlock,
+    stuck_subscriber_is_disconnected_after_the_timeout,
+);
+
+// Load tests whose assertions are RSS or wall-clock thresholds (RSS back near its baseline within
+// `SETTLE`, RSS peak under 300 MiB, healthy round trips under 500 ms, garbage closed within 1 s): run by
+// scripts/test.sh, which lists each threshold and its tolerance, not by the default `cargo test`.
+stress_backend_tests!(
     ten_thousand_connections,
     half_connects_dropped,
     garbage_is_closed,
-    qos2_flows_survive_kills,
     stalled_subscriber_drop_policy,
     stalled_subscriber_pauses_the_publisher,
-    self_subscriber_flood_does_not_deadlock,
-    stuck_subscriber_is_disconnected_after_the_timeout,
 );
 
 /// Connection attempts in flight at a time: well below the listen backlog (1024).

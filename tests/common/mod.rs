@@ -136,6 +136,30 @@ macro_rules! backend_tests {
     };
 }
 
+/// [`backend_tests!`] for stress tests: tests whose assertions are wall-clock or RSS thresholds
+/// (a round trip under 500 ms, RSS back near its baseline within 5 s, ...) that a loaded machine can
+/// miss. The default `cargo test` skips them; `scripts/test.sh` runs them on their own, one at a time
+/// (`-- --ignored --test-threads=1`), and lists each threshold and its tolerance.
+#[macro_export]
+macro_rules! stress_backend_tests {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                #[test]
+                #[ignore = "stress: wall-clock/RSS threshold, run by scripts/test.sh"]
+                fn uring() {
+                    $crate::common::run($crate::common::Backend::Uring, super::$name);
+                }
+                #[test]
+                #[ignore = "stress: wall-clock/RSS threshold, run by scripts/test.sh"]
+                fn epoll() {
+                    $crate::common::run($crate::common::Backend::Epoll, super::$name);
+                }
+            }
+        )*
+    };
+}
+
 /// True when this kernel lets us create an io_uring (it may be compiled out, disabled by
 /// `kernel.io_uring_disabled`, or blocked by a seccomp filter in containers).
 pub fn uring_available() -> bool {
