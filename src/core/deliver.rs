@@ -1,0 +1,217 @@
+//! Delivery to this core's sessions: one copy per session at the highest granted QoS, QoS 0 frames encoded once per protocol layout and shared.
+
+use bytes::{Bytes, BytesMut};
+use smallvec::SmallVec;
+
+use super::Core;
+use crate::protocol::properties::{self};
+use crate::protocol::{self, QoS};
+use crate::session::{Delivered, Message, OutFrame, SubIds, SubOpts};
+
+/// Size of the blocks shared QoS 0 frames are encoded into.
+pub(super) const FRAME_BLOCK: usize = 64 * 1024;
+
+/// The QoS 0 frames of one message, encoded at most once per protocol layout and shared by every QoS 0
+/// subscriber of that layout on this core.
+#[derive(Default)]
+pub(super) struct SharedFrames {
+    pub(super) v3: Option<Bytes>,
+    pub(super) v5: Option<Bytes>,
+}
+
+impl SharedFrames {
+    /// The frame for `v5` or 3.1/3.1.1 subscribers, encoded on first use. Frames are carved from 64 KiB
+    /// blocks so that encoding costs an allocation per block, not per message.
+    pub(super) fn get(&mut self, v5: bool, msg: &Message, buf: &mut BytesMut) -> Bytes {
+        let slot = if v5 { &mut self.v5 } else { &mut self.v3 };
+        slot.get_or_insert_with(|| {
+            let forward = msg.props.as_ref().map_or(&[][..], |p| &p.forward[..]);
+            let need = if v5 {
+                protocol::publish_head_len_v5(
+                    msg.topic.len(),
+                    QoS::AtMostOnce,
+                    forward.len(),
+                    msg.payload.len(),
+                )
+            } else {
+                protocol::publish_head_len(msg.topic.len(), QoS::AtMostOnce, msg.payload.len())
+            } + msg.payload.len();
+            if buf.capacity() < need {
+                buf.reserve(need.max(FRAME_BLOCK));
+            }
+            if v5 {
+                protocol::encode_publish_head_v5(
+                    msg.topic.as_str(),
+                    QoS::AtMostOnce,
+                    0,
+                    false,
+                    false,
+                    &[forward],
+                    msg.payload.len(),
+                    buf,
+                );
+            } else {
+                protocol::encode_publish_head(
+                    msg.topic.as_str(),
+                    QoS::AtMostOnce,
+                    0,
+                    false,
+                    false,
+                    msg.payload.len(),
+                    buf,
+                );
+            }
+            buf.extend_from_slice(&msg.payload);
+            buf.split().freeze()
+        })
+        .clone()
+    }
+}
+
+/// The size of the v5 PUBLISH the writer sends for this delivery, without a topic alias (an alias only
+/// makes it smaller): checked against the client's Maximum Packet Size.
+pub(super) fn outbound_size(msg: &Message, qos: QoS, sub_ids: &SubIds) -> usize {
+    let mut props =
+        msg.props.as_ref().map_or(0, |p| p.forward.len() + if p.expires.is_some() { 5 } else { 0 });
+    for &id in sub_ids {
+        props += 1 + properties::vbi_len(id as usize);
+    }
+    protocol::publish_head_len_v5(msg.topic.len(), qos, props, msg.payload.len()) + msg.payload.len()
+}
+
+impl Core {
+    /// Delivers to this core's matching sessions: once per session at the highest granted QoS, carrying
+    /// the identifiers of every matching subscription (MQTT-3.3.4-3/5). `origin` is the publisher's session
+    /// when it is on this core: its No Local subscriptions do not match.
+    pub(super) fn deliver_local(&mut self, msg: &Message, origin: Option<usize>) {
+        let mut matches: SmallVec<[(usize, SubOpts); 16]> = SmallVec::new();
+        for &(skey, o) in self.index.matches_cached(msg.topic.as_str(), &mut self.index_cache) {
+            if !(o.no_local && origin == Some(skey)) {
+                matches.push((skey, o));
+            }
+        }
+        if matches.is_empty() {
+            return;
+        }
+        let mut shared = SharedFrames::default();
+        let mut compact: Option<Message> = None;
+        if matches.len() == 1 {
+            let (skey, o) = matches[0];
+            let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
+            let retain = msg.retain && o.retain_as_published;
+            self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut shared, &mut compact);
+            return;
+        }
+        // Overlapping subscriptions of one client: deliver once at the highest QoS (MQTT-3.3.5-1).
+        matches.sort_unstable_by_key(|m| m.0);
+        let mut i = 0;
+        while i < matches.len() {
+            let skey = matches[i].0;
+            let mut qos = QoS::AtMostOnce;
+            let mut retain = false;
+            let mut ids = SubIds::new();
+            while let Some(&(k, o)) = matches.get(i) {
+                if k != skey {
+                    break;
+                }
+                qos = qos.max(o.qos);
+                retain |= msg.retain && o.retain_as_published;
+                if o.id != 0 && !ids.contains(&o.id) {
+                    ids.push(o.id);
+                }
+                i += 1;
+            }
+            self.deliver_to(skey, msg, msg.qos.min(qos), retain, ids, &mut shared, &mut compact);
+        }
+    }
+
+    /// One delivery to one session. `shared` caches the QoS 0 frames of this message on this core (one per
+    /// protocol layout), and `compact` its compacted copy for sessions that will queue it (one copy per
+    /// message, not per subscriber).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn deliver_to(
+        &mut self,
+        skey: usize,
+        msg: &Message,
+        qos: QoS,
+        retain: bool,
+        sub_ids: SubIds,
+        shared: &mut SharedFrames,
+        compact: &mut Option<Message>,
+    ) {
+        let Some(se) = self.sessions.get_mut(skey) else { return };
+        if se.check_reads {
+            if let Some(acl) = &self.settings.acl {
+                let user = se.username.as_ref().map(|u| u.as_str());
+                if !acl.can_read(user, se.session.client_id.as_str(), msg.topic.as_str()) {
+                    return;
+                }
+            }
+        }
+        if msg.props.as_ref().is_some_and(|p| p.expires.is_some()) && msg.expired(self.now) {
+            // MQTT-3.3.2-5: an expired message is not delivered.
+            return;
+        }
+        let conn = se.conn.and_then(|k| self.conns.get(k));
+        let ctl = conn.map(|c| c.ctl.clone());
+        let v5 = conn.and_then(|c| c.v5.as_deref());
+        if let Some(v5) = v5 {
+            if outbound_size(msg, qos, &sub_ids) > v5.max_packet {
+                // MQTT-3.1.2-25: a packet over the client's Maximum Packet Size is dropped for that client.
+                self.stats.dropped += 1;
+                return;
+            }
+        }
+        match (&ctl, qos) {
+            (Some(ctl), QoS::AtMostOnce) => {
+                let mut out = ctl.outbox.borrow_mut();
+                if out.len() >= self.settings.max_outbox_messages {
+                    // A subscriber that does not read: QoS 0 beyond its bound is dropped and counted.
+                    self.stats.dropped += 1;
+                    return;
+                }
+                // A frame shared by every QoS 0 subscriber of this layout; per-subscriber heads where the
+                // subscriber needs its own (retained, retain as published, subscription ids, aliases,
+                // expiry that counts down).
+                let own = retain
+                    || !sub_ids.is_empty()
+                    || v5.is_some_and(|v| v.aliases_out)
+                    || (v5.is_some() && msg.props.as_ref().is_some_and(|p| p.expires.is_some()));
+                if own {
+                    se.session.deliver_with(msg.clone(), qos, retain, sub_ids, Some(&mut out));
+                } else {
+                    let frame = shared.get(v5.is_some(), msg, &mut self.frame_buf);
+                    out.push_back(OutFrame::Shared { frame, received: msg.received });
+                }
+            }
+            (None, QoS::AtMostOnce) if !self.settings.queue_qos0_messages => return,
+            _ => {
+                let m = if se.session.would_queue(qos, ctl.is_some()) {
+                    compact.get_or_insert_with(|| msg.compacted()).clone()
+                } else {
+                    msg.clone()
+                };
+                let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
+                let delivered = match guard.as_deref_mut() {
+                    Some(out) if self.subscribing => se.session.deliver_backlog(m, qos, sub_ids, out),
+                    out => se.session.deliver_with(m, qos, retain, sub_ids, out),
+                };
+                if delivered == Delivered::Dropped {
+                    self.stats.dropped += 1;
+                }
+                if guard.is_some() && se.session.overfull() && !self.overfull.contains(&skey) {
+                    self.overfull.push(skey);
+                }
+                let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
+                drop(guard);
+                self.log_journal(skey);
+                if newly_full {
+                    self.update_congestion(skey);
+                }
+            }
+        }
+        if let Some(ctl) = ctl {
+            self.mark_dirty(&ctl);
+        }
+    }
+}

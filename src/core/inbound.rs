@@ -1,0 +1,90 @@
+//! What other cores send this core (`XMsg`), taken in bounded batches.
+
+use std::time::Instant;
+
+use smallvec::SmallVec;
+
+use super::shared::Members;
+use super::{Core, DRAIN_BATCH};
+use crate::xcore::XMsg;
+
+impl Core {
+    /// Processes what other cores sent. Returns how many messages were taken.
+    pub fn drain_inbound(&mut self, now: Instant) -> usize {
+        self.at(now);
+        if self.inbound_paused() {
+            return 0;
+        }
+        let mut batch = std::mem::take(&mut self.inbound);
+        let always = self.persist.as_ref().is_some_and(|p| p.always);
+        let mut runs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+        let n = if always {
+            let mut r = Vec::new();
+            let n = self.mesh.drain_with_sources(DRAIN_BATCH, &mut batch, &mut r);
+            runs.extend(r);
+            n
+        } else {
+            self.mesh.drain(DRAIN_BATCH, &mut batch)
+        };
+        // fsync = "always": how many publishes came from each source, to confirm them once durable.
+        let mut publishes: SmallVec<[(usize, u64); 4]> = SmallVec::new();
+        if always {
+            let mut at = 0;
+            for &(src, count) in &runs {
+                let k = batch.get(at..at + count).map_or(0, |ms| {
+                    ms.iter().filter(|m| matches!(m, XMsg::Publish(_) | XMsg::SharedPublish { .. })).count()
+                });
+                at += count;
+                if k > 0 {
+                    publishes.push((src, k as u64));
+                }
+            }
+        }
+        for m in batch.drain(..) {
+            match m {
+                XMsg::Publish(msg) => {
+                    if msg.retain {
+                        self.store_retained(&msg);
+                    }
+                    self.deliver_local(&msg, None);
+                }
+                XMsg::Interest { core, filter, add } => {
+                    if add {
+                        self.interest.insert(&filter, core, ());
+                    } else {
+                        self.interest.remove(&filter, core);
+                    }
+                }
+                XMsg::Congestion { key, filter, on } => {
+                    if on {
+                        self.congested.insert(&filter, key, ());
+                    } else {
+                        self.congested.remove(&filter, key);
+                        self.retry_held = true;
+                    }
+                }
+                XMsg::Handoff(h) => self.handoffs.push(h),
+                XMsg::Shared { core, group, filter, ready, online, total } => {
+                    let cores = self.cores();
+                    let m = Members { ready, online, total };
+                    if self.shared_views.update(cores, core, &group, &filter, m) {
+                        self.retry_held = true;
+                    }
+                }
+                XMsg::SharedPublish { msg, group, hops } => self.deliver_shared(&group, &msg, hops),
+                XMsg::Durable { core, upto } => {
+                    if let Some(p) = &mut self.persist {
+                        p.confirmed_by(core, upto);
+                    }
+                }
+            }
+        }
+        self.inbound = batch;
+        if let Some(p) = &mut self.persist {
+            for (src, k) in publishes {
+                p.received_from(src, k);
+            }
+        }
+        n
+    }
+}
