@@ -136,6 +136,9 @@ impl Core {
             .map(|(f, _)| f.clone())
             .collect();
         se.congested = Some(filters.clone());
+        if !self.stalled.contains(&skey) {
+            self.stalled.push(skey);
+        }
         let ck = congestion_key(self.id, skey);
         for f in filters.iter() {
             self.congested.insert(f, ck, ());

@@ -140,6 +140,8 @@ impl Core {
             }));
         }
         let ctl = entry.ctl.clone();
+        // Keep-alive replaces the connect timeout.
+        self.arm_silence(key);
         let Some(se) = self.sessions.get_mut(skey) else { return };
         se.conn = Some(key);
         se.offline_since = None;

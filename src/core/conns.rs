@@ -1,10 +1,9 @@
 //! This core's connections: registration, keep-alive bookkeeping, and closing one (its will, its session going offline or ending).
 
-use std::cmp::Reverse;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::{ConnCtl, Core, Held};
+use super::{ConnCtl, Core, Due, Held};
 use crate::persist::Record;
 use crate::protocol::{reason, Utf8Bytes, Will};
 
@@ -20,6 +19,10 @@ pub(super) struct ConnEntry {
     pub(super) held: Option<Box<Held>>,
     /// v5 state of the connection; `None` for 3.1/3.1.1 (and before CONNECT).
     pub(super) v5: Option<Box<V5Conn>>,
+    /// Tells this connection from a later one that gets its key.
+    pub(super) serial: u64,
+    /// When the connection's silence timer is armed for (see [`Core::arm_silence`]).
+    pub(super) silence_at: Option<Instant>,
 }
 
 /// What a v5 connection needs beyond a 3.1.1 one.
@@ -43,7 +46,8 @@ impl Core {
     pub fn register(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> usize {
         self.at(now);
         self.stats.connections += 1;
-        self.conns.insert(ConnEntry {
+        self.conn_serial += 1;
+        let key = self.conns.insert(ConnEntry {
             ctl,
             last_seen: now,
             timeout: Some(self.settings.connect_timeout),
@@ -51,7 +55,11 @@ impl Core {
             will: None,
             held: None,
             v5: None,
-        })
+            serial: self.conn_serial,
+            silence_at: None,
+        });
+        self.arm_silence(key);
+        key
     }
 
     /// Whether `key` still names the connection of `ctl` (a swept connection's key may be reused).
@@ -63,7 +71,7 @@ impl Core {
     pub fn unregister(&mut self, key: usize, ctl: &Rc<ConnCtl>) {
         if self.is_current(key, ctl) {
             self.conns.remove(key);
-            self.freed_since_trim += 1;
+            self.trim.freed();
         }
     }
 
@@ -112,7 +120,7 @@ impl Core {
             }
         }
         let entry = self.conns.remove(key);
-        self.freed_since_trim += 1;
+        self.trim.freed();
         if entry.held.is_some() {
             // Never acknowledged: the client sends them again when it reconnects.
             self.holding.retain(|&k| k != key);
@@ -137,7 +145,7 @@ impl Core {
                         (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(se.expiry)))))
                     {
                         se.pending_will = Some(Box::new((*w, due)));
-                        self.pending_wills.push(skey);
+                        self.timers.add(due, Due::Will { skey });
                     }
                 }
                 if se.expiry == 0 {
@@ -154,7 +162,7 @@ impl Core {
                     let Some(se) = self.sessions.get_mut(skey) else { return };
                     if se.expiry != u32::MAX {
                         if let Some(at) = now.checked_add(Duration::from_secs(u64::from(se.expiry))) {
-                            self.expiring.push(Reverse((at, skey)));
+                            self.timers.add(at, Due::Expiry { skey });
                         }
                     }
                     // Offline, its queue drops the newest when full: publishers need not wait.

@@ -37,8 +37,11 @@ pub struct ConnCtl {
     /// The writer task ended because the reader is parked and nothing was queued
     /// ([`ConnCtl::retire_writer`]); a wake-up asks for a new one ([`Writers::wanted`]).
     writer_gone: Cell<bool>,
-    /// The writer wrote something since the last sweep: it is not idle, so it does not retire.
-    wrote: Cell<bool>,
+    /// The sweep during which the writer last wrote (see [`Writers::next_sweep`]): a writer that wrote
+    /// since the last sweep is not idle, so it does not retire.
+    wrote_in: Cell<u32>,
+    /// In the core's list of outboxes used since the last sweep (which the sweep shrinks when empty).
+    pub(super) active: Cell<bool>,
 }
 
 /// How the core shuts a connection's socket down (the runtime implements it for its sockets): the core
@@ -55,6 +58,8 @@ pub trait Shutdown {
 #[derive(Default)]
 pub struct Writers {
     retired: Cell<usize>,
+    /// Sweeps so far: a connection's writer "wrote since the last sweep" if its last write was in this one.
+    sweep: Cell<u32>,
     wanted: RefCell<(Vec<u64>, Option<Waker>)>,
 }
 
@@ -72,6 +77,11 @@ impl Writers {
             out.append(tokens);
             Poll::Ready(())
         })
+    }
+
+    /// A sweep begins: what was written before it is "before the last sweep" from now on.
+    pub(super) fn next_sweep(&self) {
+        self.sweep.set(self.sweep.get().wrapping_add(1));
     }
 
     /// Writers retired since the last call.
@@ -102,7 +112,8 @@ impl ConnCtl {
             done_waker: Cell::new(None),
             parked: Cell::new(0),
             writer_gone: Cell::new(false),
-            wrote: Cell::new(false),
+            wrote_in: Cell::new(u32::MAX),
+            active: Cell::new(false),
         }
     }
 
@@ -128,24 +139,47 @@ impl ConnCtl {
     /// idle since the last sweep, so that it retires at once.
     pub fn set_parked(&self, token: u64) {
         self.parked.set(token);
-        if token != 0 && !self.wrote.get() {
+        if token != 0 && !self.wrote_since_sweep() {
             self.wake_writer();
         }
     }
 
     /// Called by the writer after each write.
     pub fn set_wrote(&self) {
-        self.wrote.set(true);
+        self.wrote_in.set(self.writers.sweep.get());
     }
 
-    /// Called by every sweep: a parked connection's writer that wrote nothing since the previous sweep
-    /// is woken to retire. A writer that keeps writing (a subscriber that never talks still gets its
-    /// messages) never retires, so a busy connection never pays a task start per batch.
-    pub fn sweep_writer(&self) {
-        let wrote = self.wrote.replace(false);
-        if !wrote && self.parked.get() != 0 && !self.writer_gone.get() {
+    fn wrote_since_sweep(&self) -> bool {
+        self.wrote_in.get() == self.writers.sweep.get()
+    }
+
+    /// Called by every sweep (after [`Writers::next_sweep`]) for a connection that parked: its writer, if
+    /// it wrote nothing during the sweep period that just ended, is woken to retire. A writer that keeps
+    /// writing (a subscriber that never talks still gets its messages) never retires, so a busy connection
+    /// never pays a task start per batch. Returns whether the sweep must look at it again.
+    pub(super) fn sweep_writer(&self) -> bool {
+        if self.parked.get() == 0 || self.writer_gone.get() || self.closing.get() {
+            return false;
+        }
+        let wrote = self.wrote_in.get() == self.writers.sweep.get().wrapping_sub(1);
+        if !wrote {
             self.wake_writer();
         }
+        true
+    }
+
+    /// Called by the sweep for a connection whose outbox was used since the last one: an empty outbox
+    /// gives its capacity back. Returns whether the sweep must look at it again (it is still in use).
+    pub(super) fn shrink_idle_outbox(&self) -> bool {
+        let Ok(mut ob) = self.outbox.try_borrow_mut() else { return true };
+        if !ob.is_empty() && !self.writer_finished.get() {
+            return true;
+        }
+        if ob.capacity() > 0 {
+            ob.shrink_to_fit();
+        }
+        self.active.set(false);
+        false
     }
 
     /// The writer has nothing to write: if the reader is parked, the writer wrote nothing since the last
@@ -153,7 +187,7 @@ impl ConnCtl {
     /// the next wake-up asks for a new one. Called by the writer just before it would wait.
     pub fn retire_writer(&self) -> bool {
         let mut ob = self.outbox.borrow_mut();
-        if self.parked.get() == 0 || self.wrote.get() || self.closing.get() || !ob.is_empty() {
+        if self.parked.get() == 0 || self.wrote_since_sweep() || self.closing.get() || !ob.is_empty() {
             return false;
         }
         // A connection without a writer keeps no outbox allocation either.

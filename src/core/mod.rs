@@ -8,8 +8,7 @@
 //! Architecture invariant: a session lives on `home_core(client_id)` and nowhere else, so takeover and
 //! session resumption never need another core's state. Cross-core effects go through `Mesh::stage`.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::rc::Rc;
 use std::time::Instant;
@@ -39,6 +38,7 @@ mod settings;
 mod shared;
 mod subscribe;
 mod timers;
+mod trim;
 pub use congestion::{HOLD_BYTES, HOLD_MESSAGES};
 pub use connect::check_connect;
 pub use ctl::{ConnCtl, Shutdown, Writers};
@@ -51,6 +51,8 @@ pub use durable::Persister;
 use sessions::SessionEntry;
 pub use settings::{Settings, SlowSubscriber};
 use shared::{GroupViews, LocalGroups};
+use timers::{Due, Timers};
+use trim::Trim;
 
 use crate::persist::Clock;
 
@@ -105,21 +107,20 @@ pub struct Core {
     assigned_ids: u64,
     /// Scratch for the shared QoS 0 frame of one message; split off, never copied again.
     frame_buf: BytesMut,
-    /// Connections closed, parked or whose writer retired since memory was last given back (see
-    /// [`Core::take_trim_due`]): each freed blocks the allocator purges only lazily.
-    freed_since_trim: usize,
-    /// `freed_since_trim` at the previous sweep: unchanged means the wave is over.
-    freed_at_last_sweep: usize,
-    trim_due: bool,
-    /// Parks since the allocator last gave pages back (see [`Core::note_parked`]).
-    parks_since_purge: usize,
+    /// When to give memory back.
+    trim: Trim,
     /// Credentials that verified recently: a reconnect costs one hash, not a PBKDF2 derivation.
     verified: VerifyCache,
-    /// Offline sessions that expire, by deadline (entries are checked when popped: a session that came
-    /// back or changed its expiry leaves a stale one behind).
-    expiring: BinaryHeap<Reverse<(Instant, usize)>>,
-    /// Sessions with a delayed will.
-    pending_wills: Vec<usize>,
+    /// Keep-alives, connect timeouts, session expiries and delayed wills, by deadline.
+    timers: Timers,
+    /// Connections registered so far (each connection's serial tells it from a later one with its key).
+    conn_serial: u64,
+    /// Congested sessions (pause policy), which the sweep checks for the slow-subscriber timeout.
+    stalled: Vec<usize>,
+    /// Parked connections whose writer may retire (see [`ConnCtl::sweep_writer`]).
+    parked_writers: Vec<Rc<ConnCtl>>,
+    /// Connections whose outbox was used since the last sweep (see [`ConnCtl::shrink_idle_outbox`]).
+    active: Vec<Rc<ConnCtl>>,
     /// Every shared group of the broker and how many members each core has: where to send a message.
     shared_views: GroupViews,
     /// The shared groups this core's sessions belong to.
@@ -184,13 +185,13 @@ impl Core {
             inbound: Vec::new(),
             assigned_ids: 0,
             frame_buf: BytesMut::new(),
-            freed_since_trim: 0,
-            freed_at_last_sweep: 0,
-            trim_due: false,
-            parks_since_purge: 0,
+            trim: Trim::default(),
             verified: VerifyCache::new(VERIFY_CACHE),
-            expiring: BinaryHeap::new(),
-            pending_wills: Vec::new(),
+            timers: Timers::default(),
+            conn_serial: 0,
+            stalled: Vec::new(),
+            parked_writers: Vec::new(),
+            active: Vec::new(),
             lingering: Vec::new(),
             shared_views: GroupViews::default(),
             shared_local: LocalGroups::default(),
@@ -302,6 +303,9 @@ impl Core {
     fn mark_dirty(&mut self, ctl: &Rc<ConnCtl>) {
         if !ctl.dirty.replace(true) {
             self.dirty.push(ctl.clone());
+            if !ctl.active.replace(true) {
+                self.active.push(ctl.clone());
+            }
         }
     }
 

@@ -1,6 +1,10 @@
-//! What comes due with time (keep-alive, connect timeout, session expiry, delayed wills, stuck subscribers, lingering closes) and giving memory back after a wave of closes.
+//! What comes due with time: keep-alive and connect timeouts, session expiry, delayed wills, stuck
+//! subscribers, and lingering closes. A sweep costs what is due, not what is held: connections and
+//! sessions wait in one deadline heap ([`Timers`]), and only congested sessions and lingering closes,
+//! both few and short-lived, are walked.
 
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use smallvec::SmallVec;
@@ -9,53 +13,55 @@ use super::Core;
 use crate::persist::Clock;
 use crate::protocol::reason;
 
-/// After this many closed (or parked) connections, or [`TRIM_AFTER_QUIET`] once that has stopped for a
-/// sweep, the sweeper shrinks the core's tables and has the allocator give free pages back, so that RSS
-/// returns near its baseline after a wave of disconnects, or of connections going idle.
-pub(super) const TRIM_AFTER_CLOSES: usize = 1000;
+/// Something that may be due at a deadline. An entry is checked against the state when it comes due
+/// and dropped if it no longer applies (the connection or session it names is gone or changed), so
+/// nothing ever has to be taken out of the heap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Due {
+    /// The keep-alive (or, before CONNECT, the connect timeout) of connection `key`, the `serial`-th
+    /// connection of this core (a closed connection's key is reused).
+    Silence { key: usize, serial: u64 },
+    /// The expiry of the offline session `skey`.
+    Expiry { skey: usize },
+    /// The delayed will of session `skey`.
+    Will { skey: usize },
+}
 
-pub(super) const TRIM_AFTER_QUIET: usize = 64;
+/// The deadlines of this core, earliest first.
+#[derive(Default)]
+pub(super) struct Timers {
+    heap: BinaryHeap<Reverse<(Instant, Due)>>,
+}
 
-/// Parks between two purges of the allocator's free pages (tables are left alone: they still grow).
-pub(super) const PURGE_AFTER_PARKS: usize = 1000;
+impl Timers {
+    pub(super) fn add(&mut self, at: Instant, due: Due) {
+        self.heap.push(Reverse((at, due)));
+    }
+
+    /// The earliest entry due at `now`, if any.
+    fn pop_due(&mut self, now: Instant) -> Option<(Instant, Due)> {
+        match self.heap.peek() {
+            Some(Reverse((at, _))) if *at <= now => self.heap.pop().map(|Reverse(e)| e),
+            _ => None,
+        }
+    }
+}
+
+/// A keep-alive deadline is armed this long after the moment the connection would be too quiet, so that
+/// a connection found exactly at its limit is re-armed for later rather than for now.
+const SLACK: Duration = Duration::from_millis(1);
 
 impl Core {
-    /// Closes connections whose keep-alive (or connect timeout) expired. Called every 250 ms
-    /// (`server::SWEEP_INTERVAL`).
-    /// `wall` is the present on both clocks: the core's Unix times follow the wall clock from here on.
+    /// Runs what came due. Called every 250 ms (`server::SWEEP_INTERVAL`), so timers are accurate to about
+    /// a quarter of a second. `wall` is the present on both clocks: the core's Unix times follow the wall
+    /// clock from here on.
     pub fn sweep(&mut self, wall: Clock) {
         let now = wall.instant;
         self.at(now);
         self.wall = wall;
-        let expired: SmallVec<[usize; 8]> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.timeout.is_some_and(|t| now.saturating_duration_since(c.last_seen) > t))
-            .map(|(k, _)| k)
-            .collect();
-        for c in self.conns.iter_mut().map(|(_, c)| c) {
-            // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
-            if c.held.as_ref().is_some_and(|h| h.is_full()) {
-                c.last_seen = now;
-            }
-            // An outbox keeps the capacity of its busiest moment (a CONNACK alone leaves room for four
-            // 128-byte frames); give it back, so that an idle connection holds no outbox memory. A busy
-            // one pays one allocation per sweep for this.
-            if let Ok(mut ob) = c.ctl.outbox.try_borrow_mut() {
-                if ob.is_empty() && ob.capacity() > 0 {
-                    ob.shrink_to_fit();
-                }
-            }
-            c.ctl.sweep_writer();
-        }
-        self.freed_since_trim += self.writers.take_retired();
-        let quiet = self.freed_since_trim == self.freed_at_last_sweep;
-        self.freed_at_last_sweep = self.freed_since_trim;
-        if self.freed_since_trim >= TRIM_AFTER_CLOSES || (quiet && self.freed_since_trim >= TRIM_AFTER_QUIET)
-        {
-            self.freed_since_trim = 0;
-            self.freed_at_last_sweep = 0;
-            self.trim_due = true;
+        self.writers.next_sweep();
+        self.sweep_writers();
+        if self.trim.swept(self.writers.take_retired()) {
             // Tables sized for the wave give back what its end freed (vacant slots at the tail only:
             // keys of live entries never move).
             self.conns.shrink_to_fit();
@@ -63,11 +69,29 @@ impl Core {
             self.by_client.shrink_to_fit();
             self.holding.shrink_to_fit();
             self.dirty.shrink_to_fit();
+            self.active.shrink_to_fit();
         }
         if let Some(limit) = self.settings.slow_subscriber_timeout {
             self.disconnect_stuck_subscribers(now, limit);
         }
-        for key in expired {
+        let mut silent: SmallVec<[usize; 8]> = SmallVec::new();
+        while let Some((at, due)) = self.timers.pop_due(now) {
+            match due {
+                Due::Silence { key, serial } => {
+                    if self.silence_due(key, serial, at, now) {
+                        silent.push(key);
+                    }
+                }
+                Due::Expiry { skey } => self.expire_session(skey, at),
+                Due::Will { skey } => {
+                    let due = self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()).map(|p| p.1);
+                    if due == Some(at) {
+                        self.fire_will(skey);
+                    }
+                }
+            }
+        }
+        for key in silent {
             // The reader sees the shutdown and calls conn_closed; closing here already publishes the
             // will and detaches the session, so the reader's later call finds nothing.
             let connected = self.conns.get(key).is_some_and(|c| c.session.is_some());
@@ -78,8 +102,6 @@ impl Core {
             }
             self.close_conn(key, false, Some((reason::KEEP_ALIVE_TIMEOUT, "keep-alive timeout")));
         }
-        self.expire_sessions(now);
-        self.fire_due_wills(now);
         // Connections closed with a v5 DISCONNECT whose writer could not flush it in time.
         self.lingering.retain(|(ctl, deadline)| {
             if ctl.writer_finished() {
@@ -93,77 +115,93 @@ impl Core {
         });
     }
 
-    /// Ends offline sessions whose expiry interval has passed.
-    pub(super) fn expire_sessions(&mut self, now: Instant) {
-        while let Some(&Reverse((at, skey))) = self.expiring.peek() {
-            if at > now {
-                break;
-            }
-            self.expiring.pop();
-            // Stale entries: the client came back, or the session's expiry changed since.
-            let due = self.sessions.get(skey).is_some_and(|se| {
-                se.conn.is_none()
-                    && se.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(se.expiry))))
-                        == Some(at)
-            });
-            if due {
-                self.end_session(skey);
-            }
-        }
-    }
-
-    /// Publishes delayed wills whose delay has passed.
-    pub(super) fn fire_due_wills(&mut self, now: Instant) {
-        if self.pending_wills.is_empty() {
+    /// Arms the silence timer of connection `key` for its current `last_seen` and `timeout`, unless an
+    /// earlier one is armed already (that one re-arms itself when it finds the connection alive).
+    pub(super) fn arm_silence(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(at) = c.timeout.and_then(|t| c.last_seen.checked_add(t + SLACK)) else { return };
+        if c.silence_at.is_some_and(|armed| armed <= at) {
             return;
         }
-        let mut waiting = std::mem::take(&mut self.pending_wills);
-        waiting.retain(|&skey| {
-            match self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()).map(|p| p.1) {
-                Some(due) if due <= now => {
-                    self.fire_will(skey);
-                    false
-                }
-                Some(_) => true,
-                None => false,
-            }
+        c.silence_at = Some(at);
+        self.timers.add(at, Due::Silence { key, serial: c.serial });
+    }
+
+    /// A connection's silence timer came due: whether it has been quiet too long (otherwise it is
+    /// re-armed for the deadline its last packet set).
+    fn silence_due(&mut self, key: usize, serial: u64, at: Instant, now: Instant) -> bool {
+        let Some(c) = self.conns.get_mut(key) else { return false };
+        if c.serial != serial || c.silence_at != Some(at) {
+            return false; // Another connection now, or a later entry replaced this one.
+        }
+        c.silence_at = None;
+        let Some(timeout) = c.timeout else { return false };
+        // A reader paused on a full hold is not reading, by the broker's choice: not a dead peer.
+        if c.held.as_ref().is_some_and(|h| h.is_full()) {
+            c.last_seen = now;
+        }
+        if now.saturating_duration_since(c.last_seen) > timeout {
+            return true;
+        }
+        self.arm_silence(key);
+        false
+    }
+
+    /// Ends the offline session `skey` if `at` is still its expiry (the client may have come back, or
+    /// the session's expiry changed, since the entry was made).
+    fn expire_session(&mut self, skey: usize, at: Instant) {
+        let due = self.sessions.get(skey).is_some_and(|se| {
+            se.conn.is_none()
+                && se.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(se.expiry))))
+                    == Some(at)
         });
-        self.pending_wills.append(&mut waiting);
+        if due {
+            self.end_session(skey);
+        }
     }
 
     /// Pause policy: a connected subscriber whose full queue has not moved for `limit` is disconnected,
-    /// so that publishers are released (its persistent session keeps what is queued).
-    pub(super) fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Duration) {
+    /// so that publishers are released (its persistent session keeps what is queued). Only congested
+    /// sessions are looked at.
+    fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Duration) {
         let mut stuck: SmallVec<[usize; 4]> = SmallVec::new();
-        for (_, se) in self.sessions.iter_mut().filter(|(_, se)| se.congested.is_some()) {
+        let sessions = &mut self.sessions;
+        self.stalled.retain(|&skey| {
+            let Some(se) = sessions.get_mut(skey).filter(|se| se.congested.is_some()) else { return false };
             let since = *se.stalled_since.get_or_insert(now);
             if let (Some(conn), true) = (se.conn, now.saturating_duration_since(since) > limit) {
                 stuck.push(conn);
             }
-        }
+            true
+        });
         for key in stuck {
             self.stats.count_closed("slow subscriber timeout");
             self.close_conn(key, false, Some((reason::QUOTA_EXCEEDED, "slow subscriber timeout")));
         }
     }
 
-    /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
-    /// the allocator to give free memory back (`crate::alloc`).
-    /// A quiet connection parked (its reading task and buffer were freed): counted, and toward a trim.
-    /// Returns whether the allocator should give free pages back now: every [`PURGE_AFTER_PARKS`] parks,
-    /// so that a storm of connections going idle does not pile up freed blocks between sweeps.
-    pub fn note_parked(&mut self) -> bool {
-        self.stats.parks += 1;
-        self.freed_since_trim += 1;
-        self.parks_since_purge += 1;
-        if self.parks_since_purge >= PURGE_AFTER_PARKS {
-            self.parks_since_purge = 0;
-            return true;
-        }
-        false
+    /// The writers of parked connections that may retire, and the outboxes that were used since the last
+    /// sweep: only those, not every connection.
+    fn sweep_writers(&mut self) {
+        self.parked_writers.retain(|ctl| ctl.sweep_writer());
+        // An outbox keeps the capacity of its busiest moment (a CONNACK alone leaves room for four 128-byte
+        // frames); give it back, so that an idle connection holds no outbox memory. A busy one pays one
+        // allocation per sweep for this.
+        self.active.retain(|ctl| ctl.shrink_idle_outbox());
     }
 
+    /// A quiet connection parked (its reading task and buffer were freed): counted, and toward a trim;
+    /// its writer may retire from the next sweep on. Returns whether the allocator should give free pages
+    /// back now (see [`super::trim::Trim::parked`]).
+    pub fn note_parked(&mut self, ctl: &std::rc::Rc<super::ConnCtl>) -> bool {
+        self.stats.parks += 1;
+        self.parked_writers.push(ctl.clone());
+        self.trim.parked()
+    }
+
+    /// Returns (and clears) whether many connections closed since the last trim: the runtime then asks
+    /// the allocator to give free memory back (`crate::alloc`).
     pub fn take_trim_due(&mut self) -> bool {
-        std::mem::take(&mut self.trim_due)
+        self.trim.take_due()
     }
 }

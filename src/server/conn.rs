@@ -482,7 +482,7 @@ fn park(core: &CoreRef, r: Reader) -> Result<(), Reader> {
     let ctl = r.ctl.clone();
     entry.insert((gen, r));
     drop(parked);
-    if core.borrow_mut().note_parked() {
+    if core.borrow_mut().note_parked(&ctl) {
         crate::alloc::release_free_memory();
     }
     // Its writer retires too once it has nothing to write.
