@@ -6,6 +6,7 @@ mod decode;
 mod encode;
 /// MQTT 5.0 properties (section 2.2.2): the property blocks of v5 packets.
 pub mod properties;
+mod reader;
 /// MQTT 5.0 reason codes and their 3.1.1 equivalents.
 pub mod reason;
 mod types;

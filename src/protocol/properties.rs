@@ -18,6 +18,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use smallvec::SmallVec;
 
+use super::reader::{ReadError, Reader};
 use super::types::Utf8Bytes;
 
 /// Which property block is being decoded: it decides which properties are allowed (table 2-4).
@@ -261,14 +262,21 @@ fn allowed(id: u8, kind: PacketKind) -> bool {
 /// A Payload Format Indicator other than 0/1, for which the spec
 /// names no error class, is Malformed.
 pub fn decode_properties(buf: &mut Bytes, kind: PacketKind) -> Result<Properties, PropError> {
-    let mut outer = Reader { buf: buf.clone(), pos: 0 };
-    let len = outer.vbi()?;
+    let mut r = Reader::new(buf.clone());
+    let p = read_properties(&mut r, kind)?;
+    // Only now that the whole block is valid: a failed decode leaves the caller's buffer as it was.
+    *buf = r.rest();
+    Ok(p)
+}
+
+/// [`decode_properties`] on the codec's reader: reads a property block at its position, which it
+/// leaves past the block. On error the reader's position is unspecified.
+pub(super) fn read_properties(r: &mut Reader, kind: PacketKind) -> Result<Properties, PropError> {
+    let len = r.vbi()?;
     // A u32 of at most 268,435,455 always fits a usize on the targets we support (>= 32 bits).
     let len = usize::try_from(len).map_err(|_| TRUNCATED)?;
-    let block = outer.take(len)?;
-    let consumed = outer.pos;
+    let mut r = Reader::new(r.take(len)?);
 
-    let mut r = Reader { buf: block, pos: 0 };
     let mut p = Properties::default();
     // Bit `id` is set once property `id` has been seen; every known id is below 64.
     let mut seen: u64 = 0;
@@ -295,9 +303,6 @@ pub fn decode_properties(buf: &mut Bytes, kind: PacketKind) -> Result<Properties
     if kind == PacketKind::Connect && p.authentication_data.is_some() && p.authentication_method.is_none() {
         return Err(PropError::Protocol("authentication data without authentication method"));
     }
-
-    // Only now that the whole block is valid: a failed decode leaves the caller's buffer as it was.
-    *buf = buf.slice(consumed..);
     Ok(p)
 }
 
@@ -368,19 +373,19 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
         SERVER_KEEP_ALIVE => p.server_keep_alive = Some(r.u16()?),
         AUTHENTICATION_METHOD => p.authentication_method = Some(r.string()?),
         AUTHENTICATION_DATA => p.authentication_data = Some(r.binary()?),
-        REQUEST_PROBLEM_INFORMATION => p.request_problem_information = Some(r.flag()?),
+        REQUEST_PROBLEM_INFORMATION => p.request_problem_information = Some(flag(r.u8()?)?),
         WILL_DELAY_INTERVAL => p.will_delay_interval = Some(r.u32()?),
-        REQUEST_RESPONSE_INFORMATION => p.request_response_information = Some(r.flag()?),
+        REQUEST_RESPONSE_INFORMATION => p.request_response_information = Some(flag(r.u8()?)?),
         RESPONSE_INFORMATION => p.response_information = Some(r.string()?),
         SERVER_REFERENCE => p.server_reference = Some(r.string()?),
         REASON_STRING => p.reason_string = Some(r.string()?),
-        RECEIVE_MAXIMUM => p.receive_maximum = Some(r.nonzero_u16("receive maximum 0")?),
+        RECEIVE_MAXIMUM => p.receive_maximum = Some(nonzero_u16(r.u16()?, "receive maximum 0")?),
         TOPIC_ALIAS_MAXIMUM => p.topic_alias_maximum = Some(r.u16()?),
         // 0 is not a valid alias (MQTT-3.3.2-8), but the receiver answers it as an invalid alias (0x94),
         // like one above its maximum: it decodes, and the broker refuses it.
         TOPIC_ALIAS => p.topic_alias = Some(r.u16()?),
-        MAXIMUM_QOS => p.maximum_qos = Some(r.flag()?),
-        RETAIN_AVAILABLE => p.retain_available = Some(r.flag()?),
+        MAXIMUM_QOS => p.maximum_qos = Some(flag(r.u8()?)?),
+        RETAIN_AVAILABLE => p.retain_available = Some(flag(r.u8()?)?),
         USER_PROPERTY => {
             let name = r.string()?;
             let value = r.string()?;
@@ -395,9 +400,9 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
             }
             p.maximum_packet_size = Some(v);
         }
-        WILDCARD_SUBSCRIPTION_AVAILABLE => p.wildcard_subscription_available = Some(r.flag()?),
-        SUBSCRIPTION_IDENTIFIER_AVAILABLE => p.subscription_identifier_available = Some(r.flag()?),
-        SHARED_SUBSCRIPTION_AVAILABLE => p.shared_subscription_available = Some(r.flag()?),
+        WILDCARD_SUBSCRIPTION_AVAILABLE => p.wildcard_subscription_available = Some(flag(r.u8()?)?),
+        SUBSCRIPTION_IDENTIFIER_AVAILABLE => p.subscription_identifier_available = Some(flag(r.u8()?)?),
+        SHARED_SUBSCRIPTION_AVAILABLE => p.shared_subscription_available = Some(flag(r.u8()?)?),
         // decode_properties only passes known identifiers.
         _ => return Err(PropError::Malformed("unknown property identifier")),
     }
@@ -406,91 +411,30 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
 
 const TRUNCATED: PropError = PropError::Malformed("property runs past the end of the block");
 
-/// Bounds-checked cursor over a [`Bytes`]; every value it returns is a slice of it.
-struct Reader {
-    buf: Bytes,
-    pos: usize,
+impl From<ReadError> for PropError {
+    fn from(e: ReadError) -> PropError {
+        match e {
+            ReadError::Truncated => TRUNCATED,
+            ReadError::InvalidUtf8 => PropError::Malformed("invalid UTF-8 string"),
+            ReadError::VbiTooLong => PropError::Malformed("variable byte integer longer than four bytes"),
+        }
+    }
 }
 
-impl Reader {
-    fn is_empty(&self) -> bool {
-        self.pos >= self.buf.len()
+/// A byte that the spec restricts to 0 or 1, any other value being a Protocol Error
+/// (MQTT-3.1.2.11.6/7, 3.2.2.3.4/5/11/12/13).
+fn flag(v: u8) -> Result<u8, PropError> {
+    if v > 1 {
+        return Err(PropError::Protocol("property value other than 0 or 1"));
     }
+    Ok(v)
+}
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], PropError> {
-        let end = self.pos.checked_add(N).ok_or(TRUNCATED)?;
-        let a: [u8; N] = self.buf.get(self.pos..end).and_then(|s| s.try_into().ok()).ok_or(TRUNCATED)?;
-        self.pos = end;
-        Ok(a)
-    }
-
-    fn u8(&mut self) -> Result<u8, PropError> {
-        let [b] = self.array::<1>()?;
-        Ok(b)
-    }
-
-    fn u16(&mut self) -> Result<u16, PropError> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, PropError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    /// A byte that the spec restricts to 0 or 1, any other value being a Protocol Error
-    /// (MQTT-3.1.2.11.6/7, 3.2.2.3.4/5/11/12/13).
-    fn flag(&mut self) -> Result<u8, PropError> {
-        let v = self.u8()?;
-        if v > 1 {
-            return Err(PropError::Protocol("property value other than 0 or 1"));
-        }
-        Ok(v)
-    }
-
-    /// A two-byte integer for which the spec calls 0 a Protocol Error.
-    fn nonzero_u16(&mut self, why: &'static str) -> Result<u16, PropError> {
-        match self.u16()? {
-            0 => Err(PropError::Protocol(why)),
-            v => Ok(v),
-        }
-    }
-
-    /// A variable byte integer (MQTT-1.5.5): at most four bytes. Non-minimal encodings are
-    /// accepted, as the fixed header decoder does.
-    fn vbi(&mut self) -> Result<u32, PropError> {
-        let mut value = 0u32;
-        for i in 0..4 {
-            let b = self.u8()?;
-            // At most 4 * 7 = 28 bits: no overflow.
-            value |= u32::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(PropError::Malformed("variable byte integer longer than four bytes"))
-    }
-
-    /// The next `n` bytes as a slice (a reference-count increment, no copy).
-    fn take(&mut self, n: usize) -> Result<Bytes, PropError> {
-        let end = self.pos.checked_add(n).ok_or(TRUNCATED)?;
-        if end > self.buf.len() {
-            return Err(TRUNCATED);
-        }
-        let b = self.buf.slice(self.pos..end);
-        self.pos = end;
-        Ok(b)
-    }
-
-    /// Binary data: two-byte length, then that many bytes (MQTT-1.5.6).
-    fn binary(&mut self) -> Result<Bytes, PropError> {
-        let n = self.u16()?;
-        self.take(usize::from(n))
-    }
-
-    /// A UTF-8 encoded string (MQTT-1.5.4), checked once here.
-    fn string(&mut self) -> Result<Utf8Bytes, PropError> {
-        let b = self.binary()?;
-        Utf8Bytes::try_from_bytes(b).map_err(|_| PropError::Malformed("invalid UTF-8 string"))
+/// A two-byte integer for which the spec calls 0 a Protocol Error.
+fn nonzero_u16(v: u16, why: &'static str) -> Result<u16, PropError> {
+    match v {
+        0 => Err(PropError::Protocol(why)),
+        v => Ok(v),
     }
 }
 
