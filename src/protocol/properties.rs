@@ -542,6 +542,51 @@ pub fn properties_body_len(p: &Properties) -> usize {
         + byte(p.shared_subscription_available)
 }
 
+/// Bytes [`encode_delivery_props`] writes: one Subscription Identifier per entry of
+/// `subscription_identifiers`, plus a Message Expiry Interval if `message_expiry`, plus a Topic
+/// Alias if `topic_alias`. The values of the last two do not change the size.
+pub fn delivery_props_len(
+    subscription_identifiers: &[u32],
+    message_expiry: bool,
+    topic_alias: bool,
+) -> usize {
+    subscription_identifiers.iter().map(|&v| 1 + vbi_len(sub_id(v))).sum::<usize>()
+        + if message_expiry { 5 } else { 0 }
+        + if topic_alias { 3 } else { 0 }
+}
+
+/// Writes the properties a server sets on each delivery of a v5 PUBLISH, without the length
+/// prefix: a Subscription Identifier for each of `subscription_identifiers` in the order given
+/// (MQTT-3.3.4-3/4/5), then the Message Expiry Interval (the seconds that remain, MQTT-3.3.2-6) and
+/// the Topic Alias, each if given. Writes exactly [`delivery_props_len`] bytes, a run to pass to
+/// [`encode_publish_head_v5`](super::encode_publish_head_v5) next to the forwarded properties
+/// (from [`encode_properties_body`]), which must not repeat these.
+///
+/// Like [`encode_properties`], it writes what it is given: identifiers must be in
+/// 1..=268,435,455 (larger ones are written as 268,435,455) and the alias in 1..=the client's
+/// Topic Alias Maximum.
+pub fn encode_delivery_props(
+    subscription_identifiers: &[u32],
+    message_expiry_interval: Option<u32>,
+    topic_alias: Option<u16>,
+    out: &mut BytesMut,
+) {
+    out.reserve(delivery_props_len(
+        subscription_identifiers,
+        message_expiry_interval.is_some(),
+        topic_alias.is_some(),
+    ));
+    for &v in subscription_identifiers {
+        out.put_u8(SUBSCRIPTION_IDENTIFIER);
+        put_vbi(out, sub_id(v));
+    }
+    if let Some(v) = message_expiry_interval {
+        out.put_u8(MESSAGE_EXPIRY_INTERVAL);
+        out.put_u32(v);
+    }
+    put_opt_u16(out, TOPIC_ALIAS, topic_alias);
+}
+
 /// A subscription identifier as it will be written: clamped so its encoding stays four bytes.
 fn sub_id(v: u32) -> usize {
     // u32 -> usize is lossless on the (>= 32-bit) targets we support.
@@ -1146,6 +1191,56 @@ mod unit {
             let mut wire = encode(&p);
             prop_assert_eq!(decode_properties(&mut wire, Publish).unwrap(), p);
             prop_assert!(wire.is_empty());
+        }
+    }
+
+    fn delivery(sids: &[u32], expiry: Option<u32>, alias: Option<u16>) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode_delivery_props(sids, expiry, alias, &mut out);
+        assert_eq!(out.len(), delivery_props_len(sids, expiry.is_some(), alias.is_some()));
+        out
+    }
+
+    #[test]
+    fn delivery_props_bytes() {
+        assert!(delivery(&[], None, None).is_empty());
+        assert_eq!(
+            &delivery(&[1, 1234], Some(60), Some(7))[..],
+            &[0x0B, 1, 0x0B, 0xd2, 0x09, 0x02, 0, 0, 0, 60, 0x23, 0, 7]
+        );
+        assert_eq!(&delivery(&[], Some(0x0102_0304), None)[..], &[0x02, 1, 2, 3, 4]);
+        assert_eq!(&delivery(&[], None, Some(0x0102))[..], &[0x23, 1, 2]);
+        // Clamped like encode_properties, so the run stays decodable.
+        assert_eq!(&delivery(&[u32::MAX], None, None)[..], &[0x0B, 0xff, 0xff, 0xff, 0x7f]);
+    }
+
+    proptest! {
+        #[test]
+        fn delivery_props_decode_with_the_forwarded_ones(
+            sids in proptest::collection::vec(1u32..=MAX_VBI, 0..4),
+            expiry in proptest::option::of(any::<u32>()),
+            alias in proptest::option::of(1u16..),
+            forward in arb_publish_props(),
+        ) {
+            // The forwarded run as the broker keeps it: without what a delivery sets itself.
+            let forward = Properties {
+                subscription_identifiers: SmallVec::new(),
+                message_expiry_interval: None,
+                topic_alias: None,
+                ..forward
+            };
+            let own = delivery(&sids, expiry, alias);
+            let mut fwd = BytesMut::new();
+            encode_properties_body(&forward, &mut fwd);
+            let mut body = own.to_vec();
+            body.extend_from_slice(&fwd);
+            let want = Properties {
+                subscription_identifiers: sids.iter().copied().collect(),
+                message_expiry_interval: expiry,
+                topic_alias: alias,
+                ..forward
+            };
+            prop_assert_eq!(decode_properties(&mut block(&body), Publish).unwrap(), want);
         }
     }
 }
