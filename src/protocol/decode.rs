@@ -16,7 +16,8 @@
 use bytes::{Buf, Bytes, BytesMut};
 use smallvec::SmallVec;
 
-use super::properties::{decode_properties, PacketKind, Properties};
+use super::properties::{read_properties, PacketKind, Properties};
+use super::reader::{vbi_prefix, ReadError, Reader};
 use super::types::{
     Ack, ConnAck, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, Publish, QoS, SubAck, Subscribe,
     SubscribeFilter, UnsubAck, Unsubscribe, Utf8Bytes, Will,
@@ -159,8 +160,8 @@ pub fn decode(
         }
     }
 
-    let frame = buf.split_to(total).freeze();
-    let mut r = Reader { buf: frame, pos: h.header_len };
+    let frame: Bytes = buf.split_to(total).freeze();
+    let mut r = Reader::at(frame, h.header_len);
     let packet = match (h.packet_type(), v5) {
         (CONNECT, _) => Packet::Connect(Box::new(decode_connect(&mut r)?)),
         (PUBLISH, _) => Packet::Publish(decode_publish(h.first, &mut r, v5)?),
@@ -189,25 +190,21 @@ fn parse_fixed_header(buf: &[u8], max_packet_size: usize) -> Result<Option<Fixed
     };
     check_first_byte(first)?;
 
-    let mut remaining = 0usize;
-    for i in 0..4 {
-        let Some(&byte) = buf.get(1 + i) else {
-            return Ok(None);
-        };
-        // At most 4 * 7 = 28 bits: fits any usize of 32 bits or more.
-        remaining |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            // Non-minimal encodings (e.g. 0x80 0x00 for 0) are accepted, as the spec allows.
-            let h = FixedHeader { first, header_len: 2 + i, remaining };
-            let size = h.total_len();
-            if size > max_packet_size {
-                return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
-            }
-            return Ok(Some(h));
-        }
+    // Non-minimal encodings (e.g. 0x80 0x00 for 0) are accepted, as the spec allows; a fourth byte
+    // that still has its continuation bit set is the only error.
+    let Some((remaining, len_bytes)) =
+        vbi_prefix(buf.get(1..).unwrap_or_default()).map_err(|_| DecodeError::MalformedLength)?
+    else {
+        return Ok(None);
+    };
+    // At most 268,435,455: fits any usize of 32 bits or more.
+    let remaining = usize::try_from(remaining).map_err(|_| DecodeError::MalformedLength)?;
+    let h = FixedHeader { first, header_len: 1 + len_bytes, remaining };
+    let size = h.total_len();
+    if size > max_packet_size {
+        return Err(DecodeError::PacketTooLarge { size, max: max_packet_size });
     }
-    // The fourth byte still had its continuation bit set.
-    Err(DecodeError::MalformedLength)
+    Ok(Some(h))
 }
 
 /// Checks the packet type and the flag nibble of the first byte (MQTT-2.2.2).
@@ -422,14 +419,14 @@ fn decode_connect(r: &mut Reader) -> Result<Connect, DecodeError> {
     }
     let keep_alive = r.u16()?;
     // MQTT 5.0 3.1.2.11: the CONNECT properties follow the keep alive.
-    let properties = if v5 { r.properties(PacketKind::Connect)? } else { Properties::default() };
+    let properties = if v5 { read_properties(r, PacketKind::Connect)? } else { Properties::default() };
     let client_id = r.string()?;
 
     let will = if flags & CF_WILL != 0 {
         let qos =
             QoS::from_u8((flags >> CF_WILL_QOS_SHIFT) & 0x03).ok_or(DecodeError::Malformed("will QoS 3"))?;
         // MQTT 5.0 3.1.3.2: the will properties come before the will topic.
-        let properties = if v5 { r.properties(PacketKind::Will)? } else { Properties::default() };
+        let properties = if v5 { read_properties(r, PacketKind::Will)? } else { Properties::default() };
         let topic = r.string()?;
         let payload = r.binary()?;
         Some(Will { topic, payload, qos, retain: flags & CF_WILL_RETAIN != 0, properties })
@@ -476,7 +473,7 @@ fn decode_publish(first: u8, r: &mut Reader, v5: bool) -> Result<Publish, Decode
     let pkid = if qos == QoS::AtMostOnce { 0 } else { nonzero_pkid(r.u16()?)? };
     // MQTT 5.0 3.3.2.3: properties after the packet id; a topic alias of 0 is refused by
     // decode_properties as a Protocol Error (MQTT-3.3.2-8).
-    let properties = if v5 { boxed(r.properties(PacketKind::Publish)?) } else { None };
+    let properties = if v5 { boxed(read_properties(r, PacketKind::Publish)?) } else { None };
     Ok(Publish {
         dup: first & 0x08 != 0,
         qos,
@@ -493,7 +490,7 @@ fn decode_subscribe(r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> 
     // MQTT 5.0 3.8.2.1: subscription identifier (decode_properties refuses 0 and a repeat as
     // Protocol Errors) and user properties, which the broker does not keep.
     let subscription_id = if v5 {
-        r.properties(PacketKind::Subscribe)?.subscription_identifiers.first().copied()
+        read_properties(r, PacketKind::Subscribe)?.subscription_identifiers.first().copied()
     } else {
         None
     };
@@ -547,7 +544,7 @@ fn subscription_options(filter: Utf8Bytes, options: u8) -> Result<SubscribeFilte
 
 fn decode_suback(r: &mut Reader, v5: bool) -> Result<SubAck, DecodeError> {
     let pkid = nonzero_pkid(r.u16()?)?;
-    let reason_string = if v5 { r.properties(PacketKind::SubAck)?.reason_string } else { None };
+    let reason_string = if v5 { read_properties(r, PacketKind::SubAck)?.reason_string } else { None };
     let codes = r
         .rest()
         .iter()
@@ -567,7 +564,7 @@ fn decode_unsubscribe(r: &mut Reader, v5: bool) -> Result<Unsubscribe, DecodeErr
     let pkid = nonzero_pkid(r.u16()?)?;
     if v5 {
         // MQTT 5.0 3.10.2.1: only user properties, not kept.
-        r.properties(PacketKind::Unsubscribe)?;
+        read_properties(r, PacketKind::Unsubscribe)?;
     }
     let mut filters = SmallVec::new();
     while !r.is_empty() {
@@ -595,14 +592,14 @@ fn decode_connack_v5(r: &mut Reader) -> Result<ConnAck, DecodeError> {
     if !is_connack_reason(code) {
         return Err(DecodeError::Malformed("reason code not allowed in CONNACK"));
     }
-    let properties = boxed(r.properties(PacketKind::ConnAck)?);
+    let properties = boxed(read_properties(r, PacketKind::ConnAck)?);
     Ok(ConnAck { session_present: flags & 0x01 != 0, code, properties })
 }
 
 /// v5 UNSUBACK (MQTT 5.0 section 3.11): packet id, properties (not kept), one code per filter.
 fn decode_unsuback_v5(r: &mut Reader) -> Result<UnsubAck, DecodeError> {
     let pkid = nonzero_pkid(r.u16()?)?;
-    r.properties(PacketKind::UnsubAck)?;
+    read_properties(r, PacketKind::UnsubAck)?;
     let codes = r
         .rest()
         .iter()
@@ -634,7 +631,7 @@ fn decode_ack_v5(packet_type: u8, r: &mut Reader) -> Result<Packet, DecodeError>
     };
     // Packet id and reason first: they are the cheaper, more basic checks.
     let packet = ack_v5(packet_type, pkid, reason)?;
-    r.properties(kind)?;
+    read_properties(r, kind)?;
     Ok(packet)
 }
 
@@ -650,77 +647,21 @@ fn decode_disconnect_v5(r: &mut Reader, kind: PacketKind) -> Result<Disconnect, 
     } else {
         disconnect_reason(reason)?
     };
-    let properties = boxed(r.properties(kind)?);
+    let properties = boxed(read_properties(r, kind)?);
     Ok(Disconnect { reason, properties })
-}
-/// A bounds-checked cursor over one complete packet. Invariant: `pos <= buf.len()`.
-struct Reader {
-    buf: Bytes,
-    pos: usize,
 }
 
 const TRUNCATED: DecodeError = DecodeError::Malformed("field runs past the end of the packet");
 
-impl Reader {
-    fn is_empty(&self) -> bool {
-        self.pos >= self.buf.len()
-    }
-
-    fn u8(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.buf.get(self.pos).ok_or(TRUNCATED)?;
-        self.pos += 1;
-        Ok(b)
-    }
-
-    fn u16(&mut self) -> Result<u16, DecodeError> {
-        match self.buf.get(self.pos..self.pos + 2) {
-            Some(&[hi, lo]) => {
-                self.pos += 2;
-                Ok(u16::from_be_bytes([hi, lo]))
-            }
-            _ => Err(TRUNCATED),
+impl From<ReadError> for DecodeError {
+    fn from(e: ReadError) -> DecodeError {
+        match e {
+            ReadError::Truncated => TRUNCATED,
+            ReadError::InvalidUtf8 => DecodeError::Malformed("invalid UTF-8 string"),
+            // The packet decoder reads no variable byte integer of its own past the fixed header
+            // (property blocks are read by read_properties, with its own wording).
+            ReadError::VbiTooLong => DecodeError::Malformed("variable byte integer longer than four bytes"),
         }
-    }
-
-    /// The next `n` bytes as a slice of the packet (a reference-count increment, no copy).
-    fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
-        let end = self.pos + n; // n <= 65,535 and pos <= packet length: no overflow.
-        if end > self.buf.len() {
-            return Err(TRUNCATED);
-        }
-        let b = self.buf.slice(self.pos..end);
-        self.pos = end;
-        Ok(b)
-    }
-
-    /// Binary data: two-byte length, then that many bytes (MQTT-1.5.3 framing).
-    fn binary(&mut self) -> Result<Bytes, DecodeError> {
-        let n = self.u16()?;
-        self.take(usize::from(n))
-    }
-
-    /// A UTF-8 encoded string, checked once here (MQTT-1.5.3-1/2).
-    fn string(&mut self) -> Result<Utf8Bytes, DecodeError> {
-        let b = self.binary()?;
-        Utf8Bytes::try_from_bytes(b).map_err(|_| DecodeError::Malformed("invalid UTF-8 string"))
-    }
-
-    /// A v5 property block for `kind` (MQTT 5.0 section 2.2.2), checked by
-    /// [`decode_properties`]; its strings are slices of the packet.
-    fn properties(&mut self, kind: PacketKind) -> Result<Properties, DecodeError> {
-        let mut rest = self.buf.slice(self.pos.min(self.buf.len())..);
-        let before = rest.len();
-        let p = decode_properties(&mut rest, kind)?;
-        // decode_properties only ever shortens `rest`.
-        self.pos += before.saturating_sub(rest.len());
-        Ok(p)
-    }
-
-    /// Everything left in the packet.
-    fn rest(&mut self) -> Bytes {
-        let b = self.buf.slice(self.pos.min(self.buf.len())..);
-        self.pos = self.buf.len();
-        b
     }
 }
 

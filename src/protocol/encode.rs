@@ -23,6 +23,7 @@ use super::properties::{
     encode_properties, encode_properties_body, properties_body_len, properties_len, put_vbi, vbi_len,
     Properties,
 };
+use super::property_id;
 use super::types::{Ack, Connect, Disconnect, Packet, ProtocolVersion, Publish, QoS, SubscribeFilter};
 
 /// Appends the encoding of `packet` to `out`.
@@ -81,7 +82,7 @@ pub fn encode(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) {
             if v5 {
                 put_vbi(out, props);
                 if let Some(id) = sub_id {
-                    out.put_u8(0x0B);
+                    out.put_u8(property_id::SUBSCRIPTION_IDENTIFIER);
                     put_vbi(out, id);
                 }
             }

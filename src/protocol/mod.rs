@@ -6,6 +6,9 @@ mod decode;
 mod encode;
 /// MQTT 5.0 properties (section 2.2.2): the property blocks of v5 packets.
 pub mod properties;
+/// MQTT 5.0 property identifiers (table 2-4).
+pub mod property_id;
+mod reader;
 /// MQTT 5.0 reason codes and their 3.1.1 equivalents.
 pub mod reason;
 mod types;

@@ -18,6 +18,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use smallvec::SmallVec;
 
+use super::property_id::*;
+use super::reader::{ReadError, Reader};
 use super::types::Utf8Bytes;
 
 /// Which property block is being decoded: it decides which properties are allowed (table 2-4).
@@ -164,8 +166,8 @@ impl PropError {
     /// The MQTT 5.0 reason code to send in CONNACK or DISCONNECT.
     pub fn reason_code(self) -> u8 {
         match self {
-            PropError::Malformed(_) => 0x81,
-            PropError::Protocol(_) => 0x82,
+            PropError::Malformed(_) => super::reason::MALFORMED_PACKET,
+            PropError::Protocol(_) => super::reason::PROTOCOL_ERROR,
         }
     }
 }
@@ -180,35 +182,6 @@ impl std::fmt::Display for PropError {
 }
 
 impl std::error::Error for PropError {}
-
-// Property identifiers (table 2-4).
-const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
-const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
-const CONTENT_TYPE: u8 = 0x03;
-const RESPONSE_TOPIC: u8 = 0x08;
-const CORRELATION_DATA: u8 = 0x09;
-const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
-const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
-const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
-const SERVER_KEEP_ALIVE: u8 = 0x13;
-const AUTHENTICATION_METHOD: u8 = 0x15;
-const AUTHENTICATION_DATA: u8 = 0x16;
-const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
-const WILL_DELAY_INTERVAL: u8 = 0x18;
-const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
-const RESPONSE_INFORMATION: u8 = 0x1A;
-const SERVER_REFERENCE: u8 = 0x1C;
-const REASON_STRING: u8 = 0x1F;
-const RECEIVE_MAXIMUM: u8 = 0x21;
-const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-const TOPIC_ALIAS: u8 = 0x23;
-const MAXIMUM_QOS: u8 = 0x24;
-const RETAIN_AVAILABLE: u8 = 0x25;
-const USER_PROPERTY: u8 = 0x26;
-const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-const WILDCARD_SUBSCRIPTION_AVAILABLE: u8 = 0x28;
-const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
-const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2A;
 
 /// Largest value a variable byte integer can carry (MQTT-1.5.5).
 const MAX_VBI: u32 = 268_435_455;
@@ -261,14 +234,21 @@ fn allowed(id: u8, kind: PacketKind) -> bool {
 /// A Payload Format Indicator other than 0/1, for which the spec
 /// names no error class, is Malformed.
 pub fn decode_properties(buf: &mut Bytes, kind: PacketKind) -> Result<Properties, PropError> {
-    let mut outer = Reader { buf: buf.clone(), pos: 0 };
-    let len = outer.vbi()?;
+    let mut r = Reader::new(buf.clone());
+    let p = read_properties(&mut r, kind)?;
+    // Only now that the whole block is valid: a failed decode leaves the caller's buffer as it was.
+    *buf = r.rest();
+    Ok(p)
+}
+
+/// [`decode_properties`] on the codec's reader: reads a property block at its position, which it
+/// leaves past the block. On error the reader's position is unspecified.
+pub(super) fn read_properties(r: &mut Reader, kind: PacketKind) -> Result<Properties, PropError> {
+    let len = r.vbi()?;
     // A u32 of at most 268,435,455 always fits a usize on the targets we support (>= 32 bits).
     let len = usize::try_from(len).map_err(|_| TRUNCATED)?;
-    let block = outer.take(len)?;
-    let consumed = outer.pos;
+    let mut r = Reader::new(r.take(len)?);
 
-    let mut r = Reader { buf: block, pos: 0 };
     let mut p = Properties::default();
     // Bit `id` is set once property `id` has been seen; every known id is below 64.
     let mut seen: u64 = 0;
@@ -295,9 +275,6 @@ pub fn decode_properties(buf: &mut Bytes, kind: PacketKind) -> Result<Properties
     if kind == PacketKind::Connect && p.authentication_data.is_some() && p.authentication_method.is_none() {
         return Err(PropError::Protocol("authentication data without authentication method"));
     }
-
-    // Only now that the whole block is valid: a failed decode leaves the caller's buffer as it was.
-    *buf = buf.slice(consumed..);
     Ok(p)
 }
 
@@ -368,19 +345,19 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
         SERVER_KEEP_ALIVE => p.server_keep_alive = Some(r.u16()?),
         AUTHENTICATION_METHOD => p.authentication_method = Some(r.string()?),
         AUTHENTICATION_DATA => p.authentication_data = Some(r.binary()?),
-        REQUEST_PROBLEM_INFORMATION => p.request_problem_information = Some(r.flag()?),
+        REQUEST_PROBLEM_INFORMATION => p.request_problem_information = Some(flag(r.u8()?)?),
         WILL_DELAY_INTERVAL => p.will_delay_interval = Some(r.u32()?),
-        REQUEST_RESPONSE_INFORMATION => p.request_response_information = Some(r.flag()?),
+        REQUEST_RESPONSE_INFORMATION => p.request_response_information = Some(flag(r.u8()?)?),
         RESPONSE_INFORMATION => p.response_information = Some(r.string()?),
         SERVER_REFERENCE => p.server_reference = Some(r.string()?),
         REASON_STRING => p.reason_string = Some(r.string()?),
-        RECEIVE_MAXIMUM => p.receive_maximum = Some(r.nonzero_u16("receive maximum 0")?),
+        RECEIVE_MAXIMUM => p.receive_maximum = Some(nonzero_u16(r.u16()?, "receive maximum 0")?),
         TOPIC_ALIAS_MAXIMUM => p.topic_alias_maximum = Some(r.u16()?),
         // 0 is not a valid alias (MQTT-3.3.2-8), but the receiver answers it as an invalid alias (0x94),
         // like one above its maximum: it decodes, and the broker refuses it.
         TOPIC_ALIAS => p.topic_alias = Some(r.u16()?),
-        MAXIMUM_QOS => p.maximum_qos = Some(r.flag()?),
-        RETAIN_AVAILABLE => p.retain_available = Some(r.flag()?),
+        MAXIMUM_QOS => p.maximum_qos = Some(flag(r.u8()?)?),
+        RETAIN_AVAILABLE => p.retain_available = Some(flag(r.u8()?)?),
         USER_PROPERTY => {
             let name = r.string()?;
             let value = r.string()?;
@@ -395,9 +372,9 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
             }
             p.maximum_packet_size = Some(v);
         }
-        WILDCARD_SUBSCRIPTION_AVAILABLE => p.wildcard_subscription_available = Some(r.flag()?),
-        SUBSCRIPTION_IDENTIFIER_AVAILABLE => p.subscription_identifier_available = Some(r.flag()?),
-        SHARED_SUBSCRIPTION_AVAILABLE => p.shared_subscription_available = Some(r.flag()?),
+        WILDCARD_SUBSCRIPTION_AVAILABLE => p.wildcard_subscription_available = Some(flag(r.u8()?)?),
+        SUBSCRIPTION_IDENTIFIER_AVAILABLE => p.subscription_identifier_available = Some(flag(r.u8()?)?),
+        SHARED_SUBSCRIPTION_AVAILABLE => p.shared_subscription_available = Some(flag(r.u8()?)?),
         // decode_properties only passes known identifiers.
         _ => return Err(PropError::Malformed("unknown property identifier")),
     }
@@ -406,91 +383,30 @@ fn read_one(r: &mut Reader, id: u8, p: &mut Properties) -> Result<(), PropError>
 
 const TRUNCATED: PropError = PropError::Malformed("property runs past the end of the block");
 
-/// Bounds-checked cursor over a [`Bytes`]; every value it returns is a slice of it.
-struct Reader {
-    buf: Bytes,
-    pos: usize,
+impl From<ReadError> for PropError {
+    fn from(e: ReadError) -> PropError {
+        match e {
+            ReadError::Truncated => TRUNCATED,
+            ReadError::InvalidUtf8 => PropError::Malformed("invalid UTF-8 string"),
+            ReadError::VbiTooLong => PropError::Malformed("variable byte integer longer than four bytes"),
+        }
+    }
 }
 
-impl Reader {
-    fn is_empty(&self) -> bool {
-        self.pos >= self.buf.len()
+/// A byte that the spec restricts to 0 or 1, any other value being a Protocol Error
+/// (MQTT-3.1.2.11.6/7, 3.2.2.3.4/5/11/12/13).
+fn flag(v: u8) -> Result<u8, PropError> {
+    if v > 1 {
+        return Err(PropError::Protocol("property value other than 0 or 1"));
     }
+    Ok(v)
+}
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], PropError> {
-        let end = self.pos.checked_add(N).ok_or(TRUNCATED)?;
-        let a: [u8; N] = self.buf.get(self.pos..end).and_then(|s| s.try_into().ok()).ok_or(TRUNCATED)?;
-        self.pos = end;
-        Ok(a)
-    }
-
-    fn u8(&mut self) -> Result<u8, PropError> {
-        let [b] = self.array::<1>()?;
-        Ok(b)
-    }
-
-    fn u16(&mut self) -> Result<u16, PropError> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-
-    fn u32(&mut self) -> Result<u32, PropError> {
-        Ok(u32::from_be_bytes(self.array()?))
-    }
-
-    /// A byte that the spec restricts to 0 or 1, any other value being a Protocol Error
-    /// (MQTT-3.1.2.11.6/7, 3.2.2.3.4/5/11/12/13).
-    fn flag(&mut self) -> Result<u8, PropError> {
-        let v = self.u8()?;
-        if v > 1 {
-            return Err(PropError::Protocol("property value other than 0 or 1"));
-        }
-        Ok(v)
-    }
-
-    /// A two-byte integer for which the spec calls 0 a Protocol Error.
-    fn nonzero_u16(&mut self, why: &'static str) -> Result<u16, PropError> {
-        match self.u16()? {
-            0 => Err(PropError::Protocol(why)),
-            v => Ok(v),
-        }
-    }
-
-    /// A variable byte integer (MQTT-1.5.5): at most four bytes. Non-minimal encodings are
-    /// accepted, as the fixed header decoder does.
-    fn vbi(&mut self) -> Result<u32, PropError> {
-        let mut value = 0u32;
-        for i in 0..4 {
-            let b = self.u8()?;
-            // At most 4 * 7 = 28 bits: no overflow.
-            value |= u32::from(b & 0x7f) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
-        }
-        Err(PropError::Malformed("variable byte integer longer than four bytes"))
-    }
-
-    /// The next `n` bytes as a slice (a reference-count increment, no copy).
-    fn take(&mut self, n: usize) -> Result<Bytes, PropError> {
-        let end = self.pos.checked_add(n).ok_or(TRUNCATED)?;
-        if end > self.buf.len() {
-            return Err(TRUNCATED);
-        }
-        let b = self.buf.slice(self.pos..end);
-        self.pos = end;
-        Ok(b)
-    }
-
-    /// Binary data: two-byte length, then that many bytes (MQTT-1.5.6).
-    fn binary(&mut self) -> Result<Bytes, PropError> {
-        let n = self.u16()?;
-        self.take(usize::from(n))
-    }
-
-    /// A UTF-8 encoded string (MQTT-1.5.4), checked once here.
-    fn string(&mut self) -> Result<Utf8Bytes, PropError> {
-        let b = self.binary()?;
-        Utf8Bytes::try_from_bytes(b).map_err(|_| PropError::Malformed("invalid UTF-8 string"))
+/// A two-byte integer for which the spec calls 0 a Protocol Error.
+fn nonzero_u16(v: u16, why: &'static str) -> Result<u16, PropError> {
+    match v {
+        0 => Err(PropError::Protocol(why)),
+        v => Ok(v),
     }
 }
 
@@ -624,6 +540,51 @@ pub fn properties_body_len(p: &Properties) -> usize {
         + byte(p.wildcard_subscription_available)
         + byte(p.subscription_identifier_available)
         + byte(p.shared_subscription_available)
+}
+
+/// Bytes [`encode_delivery_props`] writes: one Subscription Identifier per entry of
+/// `subscription_identifiers`, plus a Message Expiry Interval if `message_expiry`, plus a Topic
+/// Alias if `topic_alias`. The values of the last two do not change the size.
+pub fn delivery_props_len(
+    subscription_identifiers: &[u32],
+    message_expiry: bool,
+    topic_alias: bool,
+) -> usize {
+    subscription_identifiers.iter().map(|&v| 1 + vbi_len(sub_id(v))).sum::<usize>()
+        + if message_expiry { 5 } else { 0 }
+        + if topic_alias { 3 } else { 0 }
+}
+
+/// Writes the properties a server sets on each delivery of a v5 PUBLISH, without the length
+/// prefix: a Subscription Identifier for each of `subscription_identifiers` in the order given
+/// (MQTT-3.3.4-3/4/5), then the Message Expiry Interval (the seconds that remain, MQTT-3.3.2-6) and
+/// the Topic Alias, each if given. Writes exactly [`delivery_props_len`] bytes, a run to pass to
+/// [`encode_publish_head_v5`](super::encode_publish_head_v5) next to the forwarded properties
+/// (from [`encode_properties_body`]), which must not repeat these.
+///
+/// Like [`encode_properties`], it writes what it is given: identifiers must be in
+/// 1..=268,435,455 (larger ones are written as 268,435,455) and the alias in 1..=the client's
+/// Topic Alias Maximum.
+pub fn encode_delivery_props(
+    subscription_identifiers: &[u32],
+    message_expiry_interval: Option<u32>,
+    topic_alias: Option<u16>,
+    out: &mut BytesMut,
+) {
+    out.reserve(delivery_props_len(
+        subscription_identifiers,
+        message_expiry_interval.is_some(),
+        topic_alias.is_some(),
+    ));
+    for &v in subscription_identifiers {
+        out.put_u8(SUBSCRIPTION_IDENTIFIER);
+        put_vbi(out, sub_id(v));
+    }
+    if let Some(v) = message_expiry_interval {
+        out.put_u8(MESSAGE_EXPIRY_INTERVAL);
+        out.put_u32(v);
+    }
+    put_opt_u16(out, TOPIC_ALIAS, topic_alias);
 }
 
 /// A subscription identifier as it will be written: clamped so its encoding stays four bytes.
@@ -1230,6 +1191,56 @@ mod unit {
             let mut wire = encode(&p);
             prop_assert_eq!(decode_properties(&mut wire, Publish).unwrap(), p);
             prop_assert!(wire.is_empty());
+        }
+    }
+
+    fn delivery(sids: &[u32], expiry: Option<u32>, alias: Option<u16>) -> BytesMut {
+        let mut out = BytesMut::new();
+        encode_delivery_props(sids, expiry, alias, &mut out);
+        assert_eq!(out.len(), delivery_props_len(sids, expiry.is_some(), alias.is_some()));
+        out
+    }
+
+    #[test]
+    fn delivery_props_bytes() {
+        assert!(delivery(&[], None, None).is_empty());
+        assert_eq!(
+            &delivery(&[1, 1234], Some(60), Some(7))[..],
+            &[0x0B, 1, 0x0B, 0xd2, 0x09, 0x02, 0, 0, 0, 60, 0x23, 0, 7]
+        );
+        assert_eq!(&delivery(&[], Some(0x0102_0304), None)[..], &[0x02, 1, 2, 3, 4]);
+        assert_eq!(&delivery(&[], None, Some(0x0102))[..], &[0x23, 1, 2]);
+        // Clamped like encode_properties, so the run stays decodable.
+        assert_eq!(&delivery(&[u32::MAX], None, None)[..], &[0x0B, 0xff, 0xff, 0xff, 0x7f]);
+    }
+
+    proptest! {
+        #[test]
+        fn delivery_props_decode_with_the_forwarded_ones(
+            sids in proptest::collection::vec(1u32..=MAX_VBI, 0..4),
+            expiry in proptest::option::of(any::<u32>()),
+            alias in proptest::option::of(1u16..),
+            forward in arb_publish_props(),
+        ) {
+            // The forwarded run as the broker keeps it: without what a delivery sets itself.
+            let forward = Properties {
+                subscription_identifiers: SmallVec::new(),
+                message_expiry_interval: None,
+                topic_alias: None,
+                ..forward
+            };
+            let own = delivery(&sids, expiry, alias);
+            let mut fwd = BytesMut::new();
+            encode_properties_body(&forward, &mut fwd);
+            let mut body = own.to_vec();
+            body.extend_from_slice(&fwd);
+            let want = Properties {
+                subscription_identifiers: sids.iter().copied().collect(),
+                message_expiry_interval: expiry,
+                topic_alias: alias,
+                ..forward
+            };
+            prop_assert_eq!(decode_properties(&mut block(&body), Publish).unwrap(), want);
         }
     }
 }
