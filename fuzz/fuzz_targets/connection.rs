@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use coremq::auth::acl::Acl;
-use coremq::core::{check_connect, home_core, ConnCtl, Core, Flow, Settings, SlowSubscriber};
+use coremq::core::{check_connect, home_core, ConnCtl, ConnKey, Core, Flow, Settings, SlowSubscriber};
 use coremq::protocol::{
     decode, encode, encode_publish_head, encode_publish_head_v5, reason, ConnAck, DecodeError, Packet, ProtocolVersion,
     QoS,
@@ -81,9 +81,9 @@ enum Phase {
     /// No connection: bytes for this client open one.
     Closed,
     /// Connected to core `core`, which registered it as `key`; CONNECT not yet read.
-    Handshake { core: usize, key: usize, ctl: Rc<ConnCtl> },
+    Handshake { core: usize, key: ConnKey, ctl: Rc<ConnCtl> },
     /// CONNECT accepted by the home core `core`.
-    Established { core: usize, key: usize, ctl: Rc<ConnCtl>, version: ProtocolVersion },
+    Established { core: usize, key: ConnKey, ctl: Rc<ConnCtl>, version: ProtocolVersion },
 }
 
 struct Client {

@@ -1,5 +1,6 @@
 //! Congestion (pause policy): sessions whose queue is full pause the QoS 1/2 publishers of matching messages on every core; their PUBLISHes wait unacknowledged in the connection's `Held` list until the congestion is withdrawn.
 
+use super::keys::{ConnKey, Key, SessionKey};
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
@@ -32,8 +33,8 @@ impl Held {
 }
 
 /// Names a session in the congestion index of every core.
-pub(super) fn congestion_key(core: usize, skey: usize) -> u64 {
-    ((core as u64) << 48) | skey as u64
+pub(super) fn congestion_key(core: usize, skey: SessionKey) -> u64 {
+    ((core as u64) << 48) | skey.index() as u64
 }
 
 impl Core {
@@ -51,7 +52,7 @@ impl Core {
         (!self.congested.is_empty() && self.congested.any_match(topic)) || self.shared_views.blocked(topic)
     }
 
-    pub(super) fn hold(&mut self, key: usize, p: Publish, now: Instant) {
+    pub(super) fn hold(&mut self, key: ConnKey, p: Publish, now: Instant) {
         let Some(c) = self.conns.get_mut(key) else { return };
         let held = c.held.get_or_insert_with(|| {
             self.holding.push(key);
@@ -63,8 +64,9 @@ impl Core {
     }
 
     /// Whether the reader of `key` must stop reading until held PUBLISHes are released.
-    pub fn hold_full(&self, key: usize, ctl: &Rc<ConnCtl>) -> bool {
-        self.is_current(key, ctl) && self.conns[key].held.as_ref().is_some_and(|h| h.is_full())
+    pub fn hold_full(&self, key: ConnKey, ctl: &Rc<ConnCtl>) -> bool {
+        self.is_current(key, ctl)
+            && self.conns.get(key).is_some_and(|c| c.held.as_ref().is_some_and(|h| h.is_full()))
     }
 
     /// Returns (and clears) whether held PUBLISHes were released since the last call.
@@ -103,7 +105,7 @@ impl Core {
     }
 
     /// The client acknowledged a delivery: its queue may have drained, and it is not stuck.
-    pub(super) fn progressed(&mut self, skey: usize, now: Instant) {
+    pub(super) fn progressed(&mut self, skey: SessionKey, now: Instant) {
         self.update_congestion(skey);
         if let Some(se) = self.sessions.get_mut(skey) {
             se.stalled_since = se.congested.as_ref().map(|_| now);
@@ -111,7 +113,7 @@ impl Core {
     }
 
     /// Announces or withdraws the session's congestion after its queue or connection changed.
-    pub(super) fn update_congestion(&mut self, skey: usize) {
+    pub(super) fn update_congestion(&mut self, skey: SessionKey) {
         let Some(se) = self.sessions.get(skey) else { return };
         let full = se.conn.is_some()
             && self.settings.slow_subscriber == SlowSubscriber::Pause
@@ -123,7 +125,7 @@ impl Core {
         }
     }
 
-    pub(super) fn announce_congestion(&mut self, skey: usize) {
+    pub(super) fn announce_congestion(&mut self, skey: SessionKey) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
         // Only QoS 1/2 subscriptions queue what QoS 1/2 publishers send.
         let filters: Box<[Box<str>]> = se
@@ -151,7 +153,7 @@ impl Core {
         self.announce_session_groups(skey);
     }
 
-    pub(super) fn withdraw_congestion(&mut self, skey: usize) {
+    pub(super) fn withdraw_congestion(&mut self, skey: SessionKey) {
         let Some(se) = self.sessions.get_mut(skey) else { return };
         se.stalled_since = None;
         let Some(filters) = se.congested.take() else { return };

@@ -1,5 +1,6 @@
 //! CONNECT: admission checks, client ids, credentials, attaching a connection to its session (takeover, resumption), and DISCONNECT from either side.
 
+use super::keys::{ConnKey, SessionKey};
 use std::time::{Duration, Instant};
 
 use super::{Core, Flow, SessionEntry, Settings, V5Conn};
@@ -77,7 +78,7 @@ impl Core {
     /// Attaches an accepted CONNECT (already checked, client id non-empty, and this is its home core) to
     /// its session: takes over a connected one, resumes or discards a stored one, sends CONNACK.
     /// `assigned`: the broker chose the client id (a v5 client is told it in CONNACK).
-    pub fn connect(&mut self, key: usize, c: Connect, assigned: bool, now: Instant) {
+    pub fn connect(&mut self, key: ConnKey, c: Connect, assigned: bool, now: Instant) {
         self.at(now);
         let Connect { protocol, clean_session, keep_alive, client_id, will, username, properties, .. } = c;
         let v5 = protocol == ProtocolVersion::V5;
@@ -196,7 +197,7 @@ impl Core {
 
     /// DISCONNECT from the client. v5: it may change the session expiry (but not from 0, MQTT-3.14.2-2),
     /// and reason 0x04 asks for the will to be published.
-    pub(super) fn on_disconnect(&mut self, key: usize, skey: usize, d: Disconnect) -> Flow {
+    pub(super) fn on_disconnect(&mut self, key: ConnKey, skey: SessionKey, d: Disconnect) -> Flow {
         if let Some(x) = d.properties.as_ref().and_then(|p| p.session_expiry_interval) {
             let was_zero = self.conns.get(key).and_then(|c| c.v5.as_ref()).is_some_and(|v| v.expiry_was_zero);
             if was_zero && x != 0 {
@@ -217,7 +218,7 @@ impl Core {
 
     /// Queues a v5 DISCONNECT with `code` (and `why` as its reason string) for the connection, if it is a
     /// v5 one; 3.1.1 has no such packet. Returns whether one was queued.
-    pub fn send_disconnect(&mut self, key: usize, code: u8, why: &str) -> bool {
+    pub fn send_disconnect(&mut self, key: ConnKey, code: u8, why: &str) -> bool {
         let Some(c) = self.conns.get(key) else { return false };
         if c.v5.is_none() {
             return false;

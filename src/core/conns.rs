@@ -1,5 +1,6 @@
 //! This core's connections: registration, keep-alive bookkeeping, and closing one (its will, its session going offline or ending).
 
+use super::keys::{ConnKey, SessionKey};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ pub(super) struct ConnEntry {
     /// Close the connection when nothing arrives for this long: `connect_timeout` before CONNECT,
     /// 1.5 × keep-alive after it, `None` for keep-alive 0.
     pub(super) timeout: Option<Duration>,
-    pub(super) session: Option<usize>,
+    pub(super) session: Option<SessionKey>,
     pub(super) will: Option<Box<Will>>,
     /// PUBLISHes held back by the pause policy (boxed: most connections never have any).
     pub(super) held: Option<Box<Held>>,
@@ -43,7 +44,7 @@ pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 impl Core {
     /// Starts tracking a new connection; it must send CONNECT within `connect_timeout`.
-    pub fn register(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> usize {
+    pub fn register(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> ConnKey {
         self.at(now);
         self.stats.connections += 1;
         self.conn_serial += 1;
@@ -63,12 +64,12 @@ impl Core {
     }
 
     /// Whether `key` still names the connection of `ctl` (a swept connection's key may be reused).
-    pub(super) fn is_current(&self, key: usize, ctl: &Rc<ConnCtl>) -> bool {
+    pub(super) fn is_current(&self, key: ConnKey, ctl: &Rc<ConnCtl>) -> bool {
         self.conns.get(key).is_some_and(|c| Rc::ptr_eq(&c.ctl, ctl))
     }
 
     /// Forgets a connection that leaves this core before CONNECT completed here (hand-off or refusal).
-    pub fn unregister(&mut self, key: usize, ctl: &Rc<ConnCtl>) {
+    pub fn unregister(&mut self, key: ConnKey, ctl: &Rc<ConnCtl>) {
         if self.is_current(key, ctl) {
             self.conns.remove(key);
             self.trim.freed();
@@ -76,7 +77,7 @@ impl Core {
     }
 
     /// Counts a handed-off connection once: it was counted where it was accepted.
-    pub fn register_handoff(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> usize {
+    pub fn register_handoff(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> ConnKey {
         let key = self.register(ctl, now);
         self.stats.connections -= 1;
         key
@@ -84,7 +85,7 @@ impl Core {
 
     /// Something arrived on the connection at `now`: keep-alive restarts. Returns how long the connection
     /// had been silent before (the reader parks a connection that is usually quiet).
-    pub fn touch(&mut self, key: usize, now: Instant) -> Duration {
+    pub fn touch(&mut self, key: ConnKey, now: Instant) -> Duration {
         self.at(now);
         match self.conns.get_mut(key) {
             Some(c) => now.saturating_duration_since(std::mem::replace(&mut c.last_seen, now)),
@@ -94,7 +95,7 @@ impl Core {
 
     /// The connection's reader ended. `graceful`: DISCONNECT was received (no will). What is queued for
     /// the client (a CONNACK before a protocol error, say) is still written before the socket closes.
-    pub fn conn_closed(&mut self, key: usize, ctl: &Rc<ConnCtl>, graceful: bool, now: Instant) {
+    pub fn conn_closed(&mut self, key: ConnKey, ctl: &Rc<ConnCtl>, graceful: bool, now: Instant) {
         self.at(now);
         if self.is_current(key, ctl) {
             self.close_conn(key, graceful, None);
@@ -106,7 +107,7 @@ impl Core {
     /// while its reader is still blocked on the socket; a v5 client is first sent a DISCONNECT with that
     /// reason code and string, which its writer gets [`LINGER`] to flush; others are shut down at once.
     /// Without `kick` the writer flushes the outbox first.
-    pub(super) fn close_conn(&mut self, key: usize, graceful: bool, kick: Option<(u8, &str)>) {
+    pub(super) fn close_conn(&mut self, key: ConnKey, graceful: bool, kick: Option<(u8, &str)>) {
         if !self.conns.contains(key) {
             return;
         }
@@ -119,7 +120,7 @@ impl Core {
                 c.ctl.kick();
             }
         }
-        let entry = self.conns.remove(key);
+        let Some(entry) = self.conns.remove(key) else { return };
         self.trim.freed();
         if entry.held.is_some() {
             // Never acknowledged: the client sends them again when it reconnects.
@@ -182,7 +183,7 @@ impl Core {
     /// get a moment to flush it before the runtime stops (then [`ConnCtl::kick`] them).
     pub fn close_all(&mut self, now: Instant) -> Vec<Rc<ConnCtl>> {
         self.at(now);
-        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        let keys: Vec<ConnKey> = self.conns.iter().map(|(k, _)| k).collect();
         let mut flushing = Vec::new();
         for key in keys {
             if self.send_disconnect(key, reason::SERVER_SHUTTING_DOWN, "server shutting down") {

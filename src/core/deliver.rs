@@ -1,5 +1,6 @@
 //! Delivery to this core's sessions: one copy per session at the highest granted QoS, QoS 0 frames encoded once per protocol layout and shared.
 
+use super::keys::SessionKey;
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
 
@@ -83,8 +84,8 @@ impl Core {
     /// Delivers to this core's matching sessions: once per session at the highest granted QoS, carrying
     /// the identifiers of every matching subscription (MQTT-3.3.4-3/5). `origin` is the publisher's session
     /// when it is on this core: its No Local subscriptions do not match.
-    pub(super) fn deliver_local(&mut self, msg: &Message, origin: Option<usize>) {
-        let mut matches: SmallVec<[(usize, SubOpts); 16]> = SmallVec::new();
+    pub(super) fn deliver_local(&mut self, msg: &Message, origin: Option<SessionKey>) {
+        let mut matches: SmallVec<[(SessionKey, SubOpts); 16]> = SmallVec::new();
         for &(skey, o) in self.index.matches_cached(msg.topic.as_str(), &mut self.index_cache) {
             if !(o.no_local && origin == Some(skey)) {
                 matches.push((skey, o));
@@ -131,7 +132,7 @@ impl Core {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn deliver_to(
         &mut self,
-        skey: usize,
+        skey: SessionKey,
         msg: &Message,
         qos: QoS,
         retain: bool,

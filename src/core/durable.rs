@@ -11,6 +11,7 @@
 //! what that message changed there. Cores count the publishes they send each other, so a confirmation is
 //! one number per pair of cores.
 
+use super::keys::SessionKey;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
@@ -287,7 +288,7 @@ impl super::Core {
     }
 
     /// Logs what changed in a persisted session's message state since the last call.
-    pub(super) fn log_journal(&mut self, skey: usize) {
+    pub(super) fn log_journal(&mut self, skey: SessionKey) {
         if self.persist.is_none() {
             return;
         }
@@ -306,7 +307,7 @@ impl super::Core {
 
     /// Starts, updates or stops persisting a session after its expiry may have changed: persisted while
     /// persistence is on and the session outlives its connection.
-    pub(super) fn persist_session(&mut self, skey: usize) {
+    pub(super) fn persist_session(&mut self, skey: SessionKey) {
         let clock = self.clock();
         let Some(p) = &mut self.persist else { return };
         let Some(se) = self.sessions.get_mut(skey) else { return };

@@ -1,5 +1,6 @@
 //! Shared subscriptions as the core routes them: announcing this core's members of each group, and delivering to one member (the groups themselves are in `shared.rs`).
 
+use super::keys::SessionKey;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
@@ -13,7 +14,7 @@ use crate::xcore::XMsg;
 impl Core {
     /// Tells every core (this one included) how many members of each shared group of session `skey` this
     /// core has, after the session joined, left, came online or went offline.
-    pub(super) fn announce_session_groups(&mut self, skey: usize) {
+    pub(super) fn announce_session_groups(&mut self, skey: SessionKey) {
         let Some(se) = self.sessions.get(skey) else { return };
         let names: SmallVec<[Box<str>; 2]> =
             se.session.subscriptions.keys().filter(|f| f.starts_with("$share/")).cloned().collect();
@@ -65,7 +66,7 @@ impl Core {
     /// another core with members gets it: it was acknowledged and must not be lost.
     pub(super) fn deliver_shared(&mut self, name: &Arc<str>, msg: &Message, hops: u8) {
         let sessions = &self.sessions;
-        let rank = |skey: usize| match sessions.get(skey) {
+        let rank = |skey: SessionKey| match sessions.get(skey) {
             Some(se) if se.conn.is_some() && se.congested.is_none() => RANK_BEST,
             Some(se) if se.conn.is_some() => 1,
             _ => 0,

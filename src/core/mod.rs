@@ -14,7 +14,6 @@ use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use slab::Slab;
 use smallvec::SmallVec;
 
 use crate::auth::password::VerifyCache;
@@ -32,6 +31,7 @@ mod deliver;
 mod durable;
 mod groups;
 mod inbound;
+mod keys;
 mod publish;
 mod sessions;
 mod settings;
@@ -42,6 +42,8 @@ mod trim;
 pub use congestion::{HOLD_BYTES, HOLD_MESSAGES};
 pub use connect::check_connect;
 pub use ctl::{ConnCtl, Shutdown, Writers};
+use keys::Table;
+pub use keys::{ConnKey, SessionKey};
 pub use publish::message_props;
 
 use congestion::Held;
@@ -76,21 +78,21 @@ pub const DRAIN_BATCH: usize = 1024;
 pub struct Core {
     pub id: usize,
     settings: Settings,
-    conns: Slab<ConnEntry>,
-    sessions: Slab<SessionEntry>,
-    by_client: HashMap<Utf8Bytes, usize>,
+    conns: Table<ConnKey, ConnEntry>,
+    sessions: Table<SessionKey, SessionEntry>,
+    by_client: HashMap<Utf8Bytes, SessionKey>,
     /// Subscriptions of this core's sessions: filter -> (session key, options).
-    index: SubscriptionIndex<usize, SubOpts>,
+    index: SubscriptionIndex<SessionKey, SubOpts>,
     /// Filters other cores have subscribers for: filter -> core id.
     interest: SubscriptionIndex<usize, ()>,
     /// The last topic's matches in `index` and in `interest` (a publisher's messages come in runs).
-    index_cache: MatchCache<usize, SubOpts>,
+    index_cache: MatchCache<SessionKey, SubOpts>,
     interest_cache: MatchCache<usize, ()>,
     /// Filters of congested sessions on every core (this one included): filter -> [`congestion_key`].
     /// A QoS 1/2 PUBLISH matching one is held before it is acknowledged.
     congested: SubscriptionIndex<u64, ()>,
     /// Connections with held PUBLISHes, retried when a congestion is withdrawn.
-    holding: Vec<usize>,
+    holding: Vec<ConnKey>,
     retry_held: bool,
     /// Some held PUBLISHes were released or dropped: readers paused on a full hold may go on.
     released: bool,
@@ -116,7 +118,7 @@ pub struct Core {
     /// Connections registered so far (each connection's serial tells it from a later one with its key).
     conn_serial: u64,
     /// Congested sessions (pause policy), which the sweep checks for the slow-subscriber timeout.
-    stalled: Vec<usize>,
+    stalled: Vec<SessionKey>,
     /// Parked connections whose writer may retire (see [`ConnCtl::sweep_writer`]).
     parked_writers: Vec<Rc<ConnCtl>>,
     /// Connections whose outbox was used since the last sweep (see [`ConnCtl::shrink_idle_outbox`]).
@@ -128,7 +130,7 @@ pub struct Core {
     /// Online sessions past their limits and overflow room (`Session::overfull`): while there are any,
     /// the core takes nothing from other cores, so that their publishers pause through the full rings
     /// instead of this core dropping what they acknowledged.
-    overfull: SmallVec<[usize; 2]>,
+    overfull: SmallVec<[SessionKey; 2]>,
     /// A PUBLISH was held because a ring's staging was full (`Mesh::saturated`): retry once it drains.
     retry_on_room: bool,
     /// Deliveries now are a new subscription's retained messages: QoS 1/2 ones are queued past the
@@ -165,8 +167,8 @@ impl Core {
             wall,
             id,
             settings,
-            conns: Slab::new(),
-            sessions: Slab::new(),
+            conns: Table::default(),
+            sessions: Table::default(),
             by_client: HashMap::new(),
             index: SubscriptionIndex::new(),
             interest: SubscriptionIndex::new(),
@@ -231,7 +233,7 @@ impl Core {
     }
 
     /// Handles one packet from an established connection.
-    pub fn handle(&mut self, key: usize, packet: Packet, now: Instant) -> Flow {
+    pub fn handle(&mut self, key: ConnKey, packet: Packet, now: Instant) -> Flow {
         self.at(now);
         let Some(skey) = self.conns.get(key).and_then(|c| c.session) else {
             return Flow::Close(reason::PROTOCOL_ERROR, "packet before CONNECT");
@@ -280,7 +282,7 @@ impl Core {
         }
     }
 
-    fn reply(&mut self, key: usize, p: Packet) -> Flow {
+    fn reply(&mut self, key: ConnKey, p: Packet) -> Flow {
         if let Some(c) = self.conns.get(key) {
             let ctl = c.ctl.clone();
             ctl.outbox.borrow_mut().push_back(OutFrame::Control(p));
@@ -289,7 +291,12 @@ impl Core {
         Flow::Continue
     }
 
-    fn with_session(&mut self, key: usize, skey: usize, f: impl FnOnce(&mut Session, &mut Outbox)) -> Flow {
+    fn with_session(
+        &mut self,
+        key: ConnKey,
+        skey: SessionKey,
+        f: impl FnOnce(&mut Session, &mut Outbox),
+    ) -> Flow {
         let (Some(c), Some(se)) = (self.conns.get(key), self.sessions.get_mut(skey)) else {
             return Flow::Continue;
         };
@@ -312,6 +319,11 @@ impl Core {
     /// End of a batch: wake the writers whose outboxes changed and push staged cross-core messages.
     pub fn end_batch(&mut self, now: Instant) {
         self.at(now);
+        debug_assert_eq!(
+            self.sessions.len(),
+            self.by_client.len(),
+            "every session is found by its client id"
+        );
         // PUBLISHes held for ring room: what this batch staged goes first, and they follow if it all fit
         // (if not, the consumer signals room and the room task calls this again).
         if self.retry_on_room && self.mesh.flush() {

@@ -1,5 +1,6 @@
 //! A PUBLISH from a client: checks in a fixed order (aliases, topic, receive maximum, hold), the acknowledgement, and routing to the retained store, local subscribers, other cores and shared groups.
 
+use super::keys::{ConnKey, SessionKey};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,7 +45,13 @@ pub(super) fn all_cores_mask(n: usize) -> u64 {
 }
 
 impl Core {
-    pub(super) fn on_publish(&mut self, key: usize, skey: usize, mut p: Publish, now: Instant) -> Flow {
+    pub(super) fn on_publish(
+        &mut self,
+        key: ConnKey,
+        skey: SessionKey,
+        mut p: Publish,
+        now: Instant,
+    ) -> Flow {
         if let Some(props) = &p.properties {
             // v5 only: the decoder gives properties to nothing else.
             if !props.subscription_identifiers.is_empty() {
@@ -108,7 +115,7 @@ impl Core {
     /// Acknowledges a valid PUBLISH and routes it if the ACL lets this client publish to its topic. A
     /// denied one is acknowledged too: with reason 0x87 on v5, as success on 3.1.1 (which has no way to
     /// refuse it; mosquitto does the same).
-    pub(super) fn accept_publish(&mut self, key: usize, skey: usize, p: Publish, now: Instant) {
+    pub(super) fn accept_publish(&mut self, key: ConnKey, skey: SessionKey, p: Publish, now: Instant) {
         self.stats.msgs_in += 1;
         let allowed = self.may_publish(skey, p.topic.as_str());
         if !allowed {
@@ -192,7 +199,7 @@ impl Core {
     }
 
     /// The ACL's write check for the client of session `skey`.
-    pub(super) fn may_publish(&self, skey: usize, topic: &str) -> bool {
+    pub(super) fn may_publish(&self, skey: SessionKey, topic: &str) -> bool {
         match (&self.settings.acl, self.sessions.get(skey)) {
             (None, _) => true,
             (Some(acl), Some(se)) => acl.can_publish(
@@ -212,7 +219,7 @@ impl Core {
     }
 
     /// [`Core::publish`] for a message from the client of session `origin` (v5 No Local).
-    pub(super) fn publish_from(&mut self, mut msg: Message, origin: Option<usize>) {
+    pub(super) fn publish_from(&mut self, mut msg: Message, origin: Option<SessionKey>) {
         let mut mask: u64 = 0;
         if msg.retain {
             // Kept by every core's retained store: compact once here, not on each core.

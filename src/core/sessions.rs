@@ -1,5 +1,6 @@
 //! Sessions over time: ending one (its subscriptions, its shared-group messages handed on) and wills.
 
+use super::keys::{ConnKey, SessionKey};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,7 +15,7 @@ use crate::topic::{matches as topic_matches, parse_shared};
 pub(super) struct SessionEntry {
     pub(super) session: Session,
     /// The connection attached to the session, if the client is online.
-    pub(super) conn: Option<usize>,
+    pub(super) conn: Option<ConnKey>,
     /// The filters announced as congested (pause policy), withdrawn exactly when it drains.
     pub(super) congested: Option<Box<[Box<str>]>>,
     /// While congested: when the client last acknowledged something (first seen by a sweep).
@@ -39,7 +40,7 @@ pub(super) struct SessionEntry {
 impl Core {
     /// Ends a session: its subscriptions leave the index, its queue is dropped, a will still waiting for
     /// its delay is published now (MQTT-3.1.3-9: the session ended first).
-    pub(super) fn end_session(&mut self, skey: usize) {
+    pub(super) fn end_session(&mut self, skey: SessionKey) {
         if !self.sessions.contains(skey) {
             return;
         }
@@ -48,7 +49,7 @@ impl Core {
         if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
             self.log(Record::SessionEnd { sid });
         }
-        let mut se = self.sessions.remove(skey);
+        let Some(mut se) = self.sessions.remove(skey) else { return };
         let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
         for filter in se.session.subscriptions.keys() {
             if filter.starts_with("$share/") {
@@ -102,7 +103,7 @@ impl Core {
     }
 
     /// Publishes the session's delayed will, if it has one.
-    pub(super) fn fire_will(&mut self, skey: usize) {
+    pub(super) fn fire_will(&mut self, skey: SessionKey) {
         let Some(pending) = self.sessions.get_mut(skey).and_then(|se| se.pending_will.take()) else {
             return;
         };
@@ -110,7 +111,7 @@ impl Core {
     }
 
     /// Publishes a will of the client of session `skey`, if the ACL lets that client publish to its topic.
-    pub(super) fn publish_will(&mut self, skey: usize, w: Will) {
+    pub(super) fn publish_will(&mut self, skey: SessionKey, w: Will) {
         self.stats.msgs_in += 1;
         if !self.may_publish(skey, w.topic.as_str()) {
             self.stats.denied += 1;

@@ -13,6 +13,7 @@
 //! member's queue until it drops acknowledged messages. Pure data structures: the core glues them to
 //! sessions and the mesh.
 
+use super::keys::SessionKey;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -195,7 +196,7 @@ pub struct LocalGroup {
     pub name: Arc<str>,
     pub filter: Box<str>,
     /// Session key and subscription options of each member, in subscription order.
-    pub members: Vec<(usize, SubOpts)>,
+    pub members: Vec<(SessionKey, SubOpts)>,
     next: usize,
 }
 
@@ -208,7 +209,7 @@ pub struct LocalGroups {
 
 impl LocalGroups {
     /// Adds (or updates the options of) a member. Returns the group's name, shared with the views.
-    pub fn join(&mut self, name: &str, filter: &str, skey: usize, opts: SubOpts) -> Arc<str> {
+    pub fn join(&mut self, name: &str, filter: &str, skey: SessionKey, opts: SubOpts) -> Arc<str> {
         let slot = match self.by_name.get(name) {
             Some(&slot) => slot,
             None => {
@@ -232,7 +233,7 @@ impl LocalGroups {
     }
 
     /// Removes a member; returns the group's name if it was one.
-    pub fn leave(&mut self, name: &str, skey: usize) -> Option<Arc<str>> {
+    pub fn leave(&mut self, name: &str, skey: SessionKey) -> Option<Arc<str>> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
         let before = g.members.len();
@@ -255,7 +256,7 @@ impl LocalGroups {
     /// The member to deliver the next message of group `name` to: round robin over the members of the
     /// highest `rank` present, [`RANK_BEST`] being the highest (the core ranks ready members over online
     /// congested ones over offline ones); `None` without members.
-    pub fn pick(&mut self, name: &str, rank: impl Fn(usize) -> u8) -> Option<(usize, SubOpts, u8)> {
+    pub fn pick(&mut self, name: &str, rank: impl Fn(SessionKey) -> u8) -> Option<(SessionKey, SubOpts, u8)> {
         let &slot = self.by_name.get(name)?;
         let g = self.groups.get_mut(slot)?;
         let n = g.members.len();
@@ -279,6 +280,11 @@ impl LocalGroups {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::keys::Key;
+
+    fn sk(i: usize) -> SessionKey {
+        SessionKey::from_index(i)
+    }
     use crate::protocol::QoS;
 
     fn opts() -> SubOpts {
@@ -363,24 +369,25 @@ mod tests {
     #[test]
     fn local_groups_round_robin_over_eligible_members() {
         let mut l = LocalGroups::default();
-        l.join("$share/g/a", "a", 1, opts());
-        l.join("$share/g/a", "a", 2, opts());
-        l.join("$share/g/a", "a", 3, opts());
-        let picks: Vec<usize> = (0..6).map(|_| l.pick("$share/g/a", |_| RANK_BEST).unwrap().0).collect();
+        l.join("$share/g/a", "a", sk(1), opts());
+        l.join("$share/g/a", "a", sk(2), opts());
+        l.join("$share/g/a", "a", sk(3), opts());
+        let picks: Vec<usize> =
+            (0..6).map(|_| l.pick("$share/g/a", |_| RANK_BEST).unwrap().0.index()).collect();
         assert_eq!(picks, [1, 2, 3, 1, 2, 3]);
         // Member 2 not ready: skipped while others are.
-        let rank = |k| if k == 2 { 1 } else { RANK_BEST };
-        let picks: Vec<usize> = (0..4).map(|_| l.pick("$share/g/a", rank).unwrap().0).collect();
+        let rank = |k: SessionKey| if k == sk(2) { 1 } else { RANK_BEST };
+        let picks: Vec<usize> = (0..4).map(|_| l.pick("$share/g/a", rank).unwrap().0.index()).collect();
         assert!(!picks.contains(&2) && picks.contains(&1) && picks.contains(&3));
         // Only member 2 online (congested), the others offline: member 2 of the three.
-        let rank = |k| if k == 2 { 1 } else { 0 };
-        assert!((0..4).all(|_| matches!(l.pick("$share/g/a", rank), Some((2, _, 1)))));
+        let rank = |k: SessionKey| if k == sk(2) { 1 } else { 0 };
+        assert!((0..4).all(|_| matches!(l.pick("$share/g/a", rank), Some((k, _, 1)) if k == sk(2))));
         // Nobody online: still one of them (a persistent session queues it).
         assert!(l.pick("$share/g/a", |_| 0).is_some());
-        assert!(l.leave("$share/g/a", 2).is_some());
-        assert!(l.leave("$share/g/a", 2).is_none());
-        l.leave("$share/g/a", 1);
-        l.leave("$share/g/a", 3);
+        assert!(l.leave("$share/g/a", sk(2)).is_some());
+        assert!(l.leave("$share/g/a", sk(2)).is_none());
+        l.leave("$share/g/a", sk(1));
+        l.leave("$share/g/a", sk(3));
         assert!(l.get("$share/g/a").is_none());
         assert!(l.pick("$share/g/a", |_| RANK_BEST).is_none());
     }

@@ -1,5 +1,6 @@
 //! SUBSCRIBE and UNSUBSCRIBE: one path for plain and shared filters, the interest other cores are told of, and retained messages for a new subscription.
 
+use super::keys::{ConnKey, SessionKey};
 use smallvec::SmallVec;
 
 use super::{Core, Flow, SharedFrames};
@@ -10,7 +11,7 @@ use crate::topic::{level_count, parse_shared, valid_topic_filter};
 use crate::xcore::XMsg;
 
 impl Core {
-    pub(super) fn on_subscribe(&mut self, key: usize, skey: usize, sub: Subscribe) -> Flow {
+    pub(super) fn on_subscribe(&mut self, key: ConnKey, skey: SessionKey, sub: Subscribe) -> Flow {
         let mut codes: SmallVec<[u8; 2]> = SmallVec::new();
         let mut granted_filters: SmallVec<[(Utf8Bytes, SubOpts); 2]> = SmallVec::new();
         let id = sub.subscription_id.unwrap_or(0);
@@ -106,7 +107,7 @@ impl Core {
         Flow::Continue
     }
 
-    pub(super) fn on_unsubscribe(&mut self, key: usize, skey: usize, u: Unsubscribe) -> Flow {
+    pub(super) fn on_unsubscribe(&mut self, key: ConnKey, skey: SessionKey, u: Unsubscribe) -> Flow {
         let mut codes = SmallVec::new();
         for f in &u.filters {
             let existed = self.unsubscribe_one(skey, f.as_str());
@@ -116,7 +117,7 @@ impl Core {
     }
 
     /// Removes one subscription; returns whether it existed.
-    pub(super) fn unsubscribe_one(&mut self, skey: usize, filter: &str) -> bool {
+    pub(super) fn unsubscribe_one(&mut self, skey: SessionKey, filter: &str) -> bool {
         let existed =
             self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
         if let (true, Some(sid)) = (existed, self.sessions.get(skey).and_then(|se| se.sid)) {

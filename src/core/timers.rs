@@ -3,6 +3,7 @@
 //! sessions wait in one deadline heap ([`Timers`]), and only congested sessions and lingering closes,
 //! both few and short-lived, are walked.
 
+use super::keys::{ConnKey, SessionKey};
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
@@ -20,11 +21,11 @@ use crate::protocol::reason;
 pub(super) enum Due {
     /// The keep-alive (or, before CONNECT, the connect timeout) of connection `key`, the `serial`-th
     /// connection of this core (a closed connection's key is reused).
-    Silence { key: usize, serial: u64 },
+    Silence { key: ConnKey, serial: u64 },
     /// The expiry of the offline session `skey`.
-    Expiry { skey: usize },
+    Expiry { skey: SessionKey },
     /// The delayed will of session `skey`.
-    Will { skey: usize },
+    Will { skey: SessionKey },
 }
 
 /// The deadlines of this core, earliest first.
@@ -74,7 +75,7 @@ impl Core {
         if let Some(limit) = self.settings.slow_subscriber_timeout {
             self.disconnect_stuck_subscribers(now, limit);
         }
-        let mut silent: SmallVec<[usize; 8]> = SmallVec::new();
+        let mut silent: SmallVec<[ConnKey; 8]> = SmallVec::new();
         while let Some((at, due)) = self.timers.pop_due(now) {
             match due {
                 Due::Silence { key, serial } => {
@@ -117,7 +118,7 @@ impl Core {
 
     /// Arms the silence timer of connection `key` for its current `last_seen` and `timeout`, unless an
     /// earlier one is armed already (that one re-arms itself when it finds the connection alive).
-    pub(super) fn arm_silence(&mut self, key: usize) {
+    pub(super) fn arm_silence(&mut self, key: ConnKey) {
         let Some(c) = self.conns.get_mut(key) else { return };
         let Some(at) = c.timeout.and_then(|t| c.last_seen.checked_add(t + SLACK)) else { return };
         if c.silence_at.is_some_and(|armed| armed <= at) {
@@ -129,7 +130,7 @@ impl Core {
 
     /// A connection's silence timer came due: whether it has been quiet too long (otherwise it is
     /// re-armed for the deadline its last packet set).
-    fn silence_due(&mut self, key: usize, serial: u64, at: Instant, now: Instant) -> bool {
+    fn silence_due(&mut self, key: ConnKey, serial: u64, at: Instant, now: Instant) -> bool {
         let Some(c) = self.conns.get_mut(key) else { return false };
         if c.serial != serial || c.silence_at != Some(at) {
             return false; // Another connection now, or a later entry replaced this one.
@@ -149,7 +150,7 @@ impl Core {
 
     /// Ends the offline session `skey` if `at` is still its expiry (the client may have come back, or
     /// the session's expiry changed, since the entry was made).
-    fn expire_session(&mut self, skey: usize, at: Instant) {
+    fn expire_session(&mut self, skey: SessionKey, at: Instant) {
         let due = self.sessions.get(skey).is_some_and(|se| {
             se.conn.is_none()
                 && se.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(se.expiry))))
@@ -164,7 +165,7 @@ impl Core {
     /// so that publishers are released (its persistent session keeps what is queued). Only congested
     /// sessions are looked at.
     fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Duration) {
-        let mut stuck: SmallVec<[usize; 4]> = SmallVec::new();
+        let mut stuck: SmallVec<[ConnKey; 4]> = SmallVec::new();
         let sessions = &mut self.sessions;
         self.stalled.retain(|&skey| {
             let Some(se) = sessions.get_mut(skey).filter(|se| se.congested.is_some()) else { return false };

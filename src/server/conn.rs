@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use rustls::{ServerConfig, ServerConnection};
 
 use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
-use crate::core::{check_connect, home_core, ConnCtl, Flow};
+use crate::core::{check_connect, home_core, ConnCtl, ConnKey, Flow};
 use crate::io::{self, Conn};
 use crate::protocol::properties::Properties;
 use crate::protocol::{self, reason, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, Utf8Bytes};
@@ -349,7 +349,7 @@ fn connect_level(buf: &[u8]) -> Option<u8> {
 /// (encrypted on a TLS connection, followed by close_notify), and counts it.
 async fn refuse(
     core: &CoreRef,
-    key: usize,
+    key: ConnKey,
     ctl: &Rc<ConnCtl>,
     conn: &Conn,
     tls: Option<&TlsConn>,
@@ -406,7 +406,7 @@ const PARK_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 /// reader, which serves it until it ends.
 fn start(
     core: CoreRef,
-    key: usize,
+    key: ConnKey,
     ctl: Rc<ConnCtl>,
     link: Link,
     hello: Hello,
@@ -444,7 +444,7 @@ fn start(
 /// The reading side of an established connection: what its reading task needs, and all a parked
 /// connection keeps of it.
 pub(super) struct Reader {
-    key: usize,
+    key: ConnKey,
     ctl: Rc<ConnCtl>,
     link: Link,
     version: ProtocolVersion,

@@ -17,7 +17,7 @@ use rustls::ServerConfig;
 
 use crate::auth::AuthFiles;
 use crate::config::ListenerConfig;
-use crate::core::{ConnCtl, Core, Settings};
+use crate::core::{ConnCtl, ConnKey, Core, Settings};
 use crate::io::{self, Listener};
 use crate::stats::Stats;
 use crate::xcore::{ConnLimits, Mesh, Signal};
@@ -128,7 +128,7 @@ async fn tick_task(core: CoreRef) {
 
 /// Waits while this core has messages that did not fit a ring, or while the connection holds as many
 /// PUBLISHes as it may for congested subscribers (backpressure on publishers).
-async fn wait_unblocked(core: &CoreRef, key: usize, ctl: &Rc<ConnCtl>) {
+async fn wait_unblocked(core: &CoreRef, key: ConnKey, ctl: &Rc<ConnCtl>) {
     let blocked = || {
         let c = core.borrow();
         (c.is_blocked() || c.hold_full(key, ctl)) && !ctl.is_closing()
