@@ -38,6 +38,8 @@ mod ctl;
 mod durable;
 mod settings;
 mod shared;
+#[cfg(test)]
+mod tests;
 pub use ctl::{ConnCtl, Shutdown, Writers};
 pub use durable::Persister;
 pub use settings::{Settings, SlowSubscriber};
