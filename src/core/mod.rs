@@ -41,6 +41,8 @@ mod timers;
 mod trim;
 pub use congestion::{HOLD_BYTES, HOLD_MESSAGES};
 pub use connect::check_connect;
+#[cfg(test)]
+mod tests;
 pub use ctl::{ConnCtl, Shutdown, Writers};
 use keys::Table;
 pub use keys::{ConnKey, SessionKey};
