@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use super::{ConnCtl, Core, SlowSubscriber};
 use crate::protocol::{Publish, QoS};
+use crate::topic::is_shared;
 use crate::xcore::XMsg;
 
 /// A connection holds at most this many QoS 1/2 PUBLISHes (or [`HOLD_BYTES`] of them) waiting for a
@@ -134,7 +135,7 @@ impl Core {
             .iter()
             // A shared group pauses its publishers only when all its online members are congested: its
             // readiness is announced below instead.
-            .filter(|(f, o)| o.qos != QoS::AtMostOnce && !f.starts_with("$share/"))
+            .filter(|(f, o)| o.qos != QoS::AtMostOnce && !is_shared(f))
             .map(|(f, _)| f.clone())
             .collect();
         se.congested = Some(filters.clone());

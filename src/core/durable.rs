@@ -254,20 +254,9 @@ impl super::Core {
             });
             self.by_client.insert(client_id, skey);
             for (filter, opts) in subscriptions {
-                if let Some(se) = self.sessions.get_mut(skey) {
-                    se.session.subscriptions.insert(filter.clone(), opts);
-                }
-                match crate::topic::parse_shared(&filter) {
-                    Some(Ok((_, inner))) => {
-                        self.shared_local.join(&filter, inner, skey, opts);
-                        self.announce_group(&filter);
-                    }
-                    Some(Err(())) => {}
-                    None => {
-                        if self.index.insert(&filter, skey, opts).first_for_filter {
-                            self.broadcast_interest(&filter, true);
-                        }
-                    }
+                // Checked when it was subscribed; a log from a broker that accepted more is not trusted.
+                if let Some(parsed) = crate::topic::Filter::parse(&filter) {
+                    self.add_subscription(skey, parsed, opts);
                 }
             }
             if expiry != u32::MAX {

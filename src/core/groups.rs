@@ -8,6 +8,7 @@ use smallvec::SmallVec;
 use super::shared::{Members, RANK_BEST};
 use super::{Core, SharedFrames};
 use crate::session::{Message, SubIds};
+use crate::topic::is_shared;
 use crate::topic::parse_shared;
 use crate::xcore::XMsg;
 
@@ -17,7 +18,7 @@ impl Core {
     pub(super) fn announce_session_groups(&mut self, skey: SessionKey) {
         let Some(se) = self.sessions.get(skey) else { return };
         let names: SmallVec<[Box<str>; 2]> =
-            se.session.subscriptions.keys().filter(|f| f.starts_with("$share/")).cloned().collect();
+            se.session.subscriptions.keys().filter(|f| is_shared(f)).cloned().collect();
         for name in names {
             self.announce_group(&name);
         }

@@ -10,6 +10,7 @@ use super::{message_props, Core};
 use crate::persist::Record;
 use crate::protocol::{Utf8Bytes, Will};
 use crate::session::{Message, Session};
+use crate::topic::is_shared;
 use crate::topic::{matches as topic_matches, parse_shared};
 
 pub(super) struct SessionEntry {
@@ -52,16 +53,7 @@ impl Core {
         let Some(mut se) = self.sessions.remove(skey) else { return };
         let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
         for filter in se.session.subscriptions.keys() {
-            if filter.starts_with("$share/") {
-                if let Some(name) = self.shared_local.leave(filter, skey) {
-                    self.announce_group(filter);
-                    groups.push(name);
-                }
-                continue;
-            }
-            if self.index.remove(filter, skey).last_for_filter {
-                self.broadcast_interest(filter, false);
-            }
+            groups.extend(self.leave_routing(skey, filter));
         }
         if self.by_client.get(&se.session.client_id) == Some(&skey) {
             self.by_client.remove(&se.session.client_id);
@@ -79,7 +71,7 @@ impl Core {
     /// (then the copy may have been the plain subscription's, and it ends with the session).
     pub(super) fn redispatch(&mut self, session: &mut Session, groups: &[Arc<str>]) {
         let plain: SmallVec<[Box<str>; 4]> =
-            session.subscriptions.keys().filter(|f| !f.starts_with("$share/")).cloned().collect();
+            session.subscriptions.keys().filter(|f| !is_shared(f)).cloned().collect();
         let filters: SmallVec<[(&Arc<str>, &str); 2]> = groups
             .iter()
             .filter_map(|g| match parse_shared(g) {

@@ -7,7 +7,9 @@ use super::{Core, Flow, SharedFrames};
 use crate::persist::Record;
 use crate::protocol::{reason, Packet, SubAck, Subscribe, UnsubAck, Unsubscribe, Utf8Bytes};
 use crate::session::{Message, SubIds, SubOpts};
-use crate::topic::{level_count, parse_shared, valid_topic_filter};
+use std::sync::Arc;
+
+use crate::topic::{is_shared, level_count, Filter};
 use crate::xcore::XMsg;
 
 impl Core {
@@ -18,20 +20,13 @@ impl Core {
         let v5 = self.conns.get(key).is_some_and(|c| c.v5.is_some());
         for f in sub.filters {
             let filter = f.filter.as_str();
-            let shared = match parse_shared(filter) {
-                None => None,
-                Some(Ok((_, inner))) => Some(inner),
-                Some(Err(())) => {
-                    codes.push(reason::TOPIC_FILTER_INVALID);
-                    continue;
-                }
-            };
-            let inner = shared.unwrap_or(filter);
-            if !valid_topic_filter(inner) || level_count(inner) > self.settings.max_topic_levels {
+            let Some(parsed) =
+                Filter::parse(filter).filter(|p| level_count(p.matching()) <= self.settings.max_topic_levels)
+            else {
                 codes.push(reason::TOPIC_FILTER_INVALID);
                 continue;
-            }
-            if shared.is_some() && f.no_local && v5 {
+            };
+            if parsed.is_shared() && f.no_local && v5 {
                 // MQTT-3.8.3-4.
                 return Flow::Close(reason::PROTOCOL_ERROR, "No Local on a shared subscription");
             }
@@ -58,27 +53,15 @@ impl Core {
             }
             let opts =
                 SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
-            let mut sid = None;
-            if let Some(se) = self.sessions.get_mut(skey) {
-                se.session.subscriptions.insert(filter.into(), opts);
-                sid = se.sid;
-            }
-            if let Some(sid) = sid {
+            if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
                 self.log(Record::Subscribe { sid, filter: f.filter.clone(), opts });
             }
+            self.add_subscription(skey, parsed, opts);
             codes.push(f.qos as u8);
-            if let Some(inner) = shared {
-                // Retained messages are not sent to a shared subscription (mosquitto, EMQX).
-                self.shared_local.join(filter, inner, skey, opts);
-                self.announce_group(filter);
-                continue;
-            }
-            let ins = self.index.insert(filter, skey, opts);
-            if ins.first_for_filter {
-                self.broadcast_interest(filter, true);
-            }
             // Retain Handling (v5): 0 sends retained messages, 1 only for a new subscription, 2 never.
-            if f.retain_handling == 0 || (f.retain_handling == 1 && !existed) {
+            // Retained messages are not sent to a shared subscription (mosquitto, EMQX).
+            let wants_retained = f.retain_handling == 0 || (f.retain_handling == 1 && !existed);
+            if wants_retained && !parsed.is_shared() {
                 granted_filters.push((f.filter, opts));
             }
         }
@@ -120,19 +103,54 @@ impl Core {
     pub(super) fn unsubscribe_one(&mut self, skey: SessionKey, filter: &str) -> bool {
         let existed =
             self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
-        if let (true, Some(sid)) = (existed, self.sessions.get(skey).and_then(|se| se.sid)) {
+        if !existed {
+            return false;
+        }
+        if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
             self.log(Record::Unsubscribe { sid, filter: Utf8Bytes::copy_from_str(filter) });
         }
-        if filter.starts_with("$share/") {
-            if self.shared_local.leave(filter, skey).is_some() {
+        self.leave_routing(skey, filter);
+        true
+    }
+
+    /// Adds (or replaces) a subscription of session `skey`: the one path for SUBSCRIBE and for recovery.
+    /// A plain filter goes into the index (other cores learn of a filter new to this core); a shared one
+    /// joins its group, whose new member count every core is told.
+    pub(super) fn add_subscription(&mut self, skey: SessionKey, filter: Filter<'_>, opts: SubOpts) {
+        let Some(se) = self.sessions.get_mut(skey) else {
+            debug_assert!(false, "subscription for a session that does not exist");
+            return;
+        };
+        match filter {
+            Filter::Plain(f) => {
+                se.session.subscriptions.insert(f.into(), opts);
+                if self.index.insert(f, skey, opts).first_for_filter {
+                    self.broadcast_interest(f, true);
+                }
+            }
+            Filter::Shared { name, filter } => {
+                se.session.subscriptions.insert(name.into(), opts);
+                self.shared_local.join(name, filter, skey, opts);
+                self.announce_group(name);
+            }
+        }
+    }
+
+    /// Takes a subscription that was removed from session `skey` out of the routing: the index (other
+    /// cores learn when this core has no subscriber of the filter left) or its shared group. Returns the
+    /// group's name when the session was a member of one.
+    pub(super) fn leave_routing(&mut self, skey: SessionKey, filter: &str) -> Option<Arc<str>> {
+        if is_shared(filter) {
+            let left = self.shared_local.leave(filter, skey);
+            if left.is_some() {
                 self.announce_group(filter);
             }
-            return existed;
+            return left;
         }
         if self.index.remove(filter, skey).last_for_filter {
             self.broadcast_interest(filter, false);
         }
-        existed
+        None
     }
 
     pub(super) fn broadcast_interest(&mut self, filter: &str, add: bool) {

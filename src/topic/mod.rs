@@ -20,7 +20,10 @@ mod tests;
 
 pub use index::{Inserted, MatchCache, Removed, SubscriptionIndex};
 pub use retained::RetainedTree;
-pub use validate::{level_count, matches, parse_shared, valid_topic_filter, valid_topic_name, MAX_TOPIC_LEN};
+pub use validate::{
+    is_shared, level_count, matches, parse_shared, valid_topic_filter, valid_topic_name, Filter,
+    MAX_TOPIC_LEN,
+};
 
 /// Splits off the first level of `s`: returns it and the rest after the '/', or `None` as the rest when `s`
 /// was the last level. Shared by both tries so they agree on what a level is.

@@ -48,6 +48,46 @@ pub fn parse_shared(s: &str) -> Option<Result<(&str, &str), ()>> {
     })
 }
 
+/// A subscription's filter as the broker reads it: plain, or the filter of a shared group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Filter<'a> {
+    Plain(&'a str),
+    /// `$share/{group}/{filter}`: `name` is the whole text (how the broker names the group: two groups of
+    /// the same name with different filters are different groups), `filter` what matches topics.
+    Shared {
+        name: &'a str,
+        filter: &'a str,
+    },
+}
+
+impl<'a> Filter<'a> {
+    /// Reads a subscription's filter; `None` if it is not a valid one (the SUBACK code is 0x8F).
+    pub fn parse(s: &'a str) -> Option<Filter<'a>> {
+        match parse_shared(s) {
+            None => valid_topic_filter(s).then_some(Filter::Plain(s)),
+            Some(Ok((_, filter))) => Some(Filter::Shared { name: s, filter }),
+            Some(Err(())) => None,
+        }
+    }
+
+    /// The part that is matched against topic names.
+    pub fn matching(&self) -> &'a str {
+        match *self {
+            Filter::Plain(f) | Filter::Shared { filter: f, .. } => f,
+        }
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Filter::Shared { .. })
+    }
+}
+
+/// Whether the subscription `s` (already accepted) is a shared one: the cheap test for filters the broker
+/// keeps, which [`Filter::parse`] checked when they were subscribed.
+pub fn is_shared(s: &str) -> bool {
+    s.starts_with("$share/")
+}
+
 /// Whether `filter` matches `topic`, MQTT 3.1.1 §4.7.
 ///
 /// `+` matches exactly one level, which may be empty; `#` matches its parent level and any number of child
@@ -225,5 +265,13 @@ mod tests {
         assert_eq!(parse_shared("$share/g"), Some(Err(())));
         assert_eq!(parse_shared("$share/g/a/#/b"), Some(Err(())));
         assert_eq!(parse_shared("$sharex/g/a"), None);
+        assert_eq!(Filter::parse("a/+"), Some(Filter::Plain("a/+")));
+        assert_eq!(Filter::parse("a/#/b"), None);
+        assert_eq!(
+            Filter::parse("$share/g/a/#"),
+            Some(Filter::Shared { name: "$share/g/a/#", filter: "a/#" })
+        );
+        assert_eq!(Filter::parse("$share/g+/a"), None);
+        assert!(is_shared("$share/g/a") && !is_shared("$sharex/g/a") && !is_shared("a"));
     }
 }
