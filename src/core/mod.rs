@@ -41,8 +41,8 @@ use crate::xcore::{Handoff, Mesh, XMsg};
 mod durable;
 mod settings;
 mod shared;
-pub use settings::{Settings, SlowSubscriber};
 pub use durable::Persister;
+pub use settings::{Settings, SlowSubscriber};
 use shared::{GroupViews, LocalGroups, Members, RANK_BEST};
 
 use crate::persist::Record;
