@@ -23,7 +23,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Packets in one read buffer: about what one 64 KiB read holds of small PUBLISHes.
 const PACKETS_PER_BUFFER: usize = 64;
-/// The broker's default `max_packet_size` (1 MiB, src/config.rs).
+/// The broker's default `max_packet_size` (1 MiB, src/config/keys.rs).
 const MAX_PACKET: usize = 1 << 20;
 const PAYLOAD_SIZES: [usize; 3] = [16, 256, 4096];
 /// Buffers prepared per timed batch for the decode benches: fresh (unshared) buffers like a socket read

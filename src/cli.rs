@@ -1,5 +1,6 @@
-//! Command-line flags. Every flag overrides the config file's key of the same name; `config::load`
-//! validates them, so errors name the flag.
+//! Command-line flags. Every flag but `--config` and `--listen` is a config key's, declared with the key
+//! in the config's table of keys (`config/keys.rs`), and overrides the file's key of the same name;
+//! `config::load` validates them, so errors name the flag.
 
 use std::path::PathBuf;
 
@@ -25,61 +26,10 @@ pub struct Cli {
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Vec<String>,
 
-    /// Worker threads, one per core, at most 64 [default: one per allowed cpu, or one per cpu in --cpus]
-    #[arg(long, value_name = "N")]
-    pub threads: Option<usize>,
-
-    /// Cores to pin worker threads to, e.g. 0-3,6 (thread i runs on the i-th listed cpu)
-    #[arg(long, value_name = "LIST")]
-    pub cpus: Option<String>,
-
-    /// I/O backend: auto (io_uring, or epoll where io_uring is unavailable), uring (io_uring only: exits
-    /// where it is unavailable) or epoll [default: auto]
-    #[arg(long, value_name = "auto|uring|epoll")]
-    pub backend: Option<String>,
-
-    /// Seconds a new connection has to send CONNECT [default: 10]
-    #[arg(long, value_name = "SECS")]
-    pub connect_timeout: Option<f64>,
-
-    /// Outbound QoS 1/2 messages in flight per client [default: 20]
-    #[arg(long, value_name = "N")]
-    pub max_inflight: Option<u64>,
-
-    /// Messages queued per session beyond the in-flight window or while offline [default: 1000]
-    #[arg(long, value_name = "N")]
-    pub max_queued_messages: Option<u64>,
-
-    /// Payload bytes queued per session [default: 67108864]
-    #[arg(long, value_name = "N")]
-    pub max_queued_bytes: Option<u64>,
-
-    /// Largest packet accepted, in bytes; a larger one closes the connection [default: 1048576]
-    #[arg(long, value_name = "N")]
-    pub max_packet_size: Option<u64>,
-    /// A full queue of an online subscriber: "pause" QoS 1/2 publishers (nothing acknowledged is
-    /// dropped) or "drop" the newest, as mosquitto does [default: pause]
-    #[arg(long, value_name = "pause|drop")]
-    pub slow_subscriber: Option<String>,
-    /// Seconds a connected subscriber's full queue may go without an acknowledgement before the broker
-    /// disconnects it (pause policy); 0 = never [default: 60]
-    #[arg(long, value_name = "SECS")]
-    pub slow_subscriber_timeout: Option<u64>,
-    /// Packets waiting to be written to one online client; QoS 0 beyond it is dropped [default: 10000]
-    #[arg(long, value_name = "N")]
-    pub max_outbox_messages: Option<u64>,
-    /// Client connections served at once, all listeners together; 0 = no limit [default: 0]
-    #[arg(long, value_name = "N")]
-    pub max_connections: Option<u64>,
-    /// Password file in mosquitto_passwd format (the config's [auth] password_file)
-    #[arg(long, value_name = "FILE")]
-    pub password_file: Option<PathBuf>,
-    /// ACL file in mosquitto's acl_file format (the config's [auth] acl_file)
-    #[arg(long, value_name = "FILE")]
-    pub acl_file: Option<PathBuf>,
-    /// Slots of each cross-core ring; a full ring pauses publishers, never drops [default: 4096]
-    #[arg(long, value_name = "N")]
-    pub ring_capacity: Option<u64>,
+    /// The flags of the config keys (`--threads`, `--max-inflight`, ...): one per key that has one in
+    /// the config's table of keys, listed in its order.
+    #[command(flatten)]
+    pub keys: crate::config::KeyFlags,
 }
 
 /// Subcommands; without one, `coremq` runs the broker.
@@ -124,7 +74,7 @@ mod tests {
     }
 
     #[test]
-    fn parses_every_flag() {
+    fn parses_config_and_listen() {
         let cli = Cli::try_parse_from([
             "coremq",
             "--config",
@@ -135,41 +85,18 @@ mod tests {
             "[::1]:1884",
             "--threads",
             "4",
-            "--cpus",
-            "0-3",
-            "--backend",
-            "epoll",
-            "--connect-timeout",
-            "2.5",
-            "--max-inflight",
-            "10",
-            "--max-queued-messages",
-            "100",
-            "--max-queued-bytes",
-            "4096",
-            "--max-packet-size",
-            "65536",
         ])
         .unwrap();
         assert_eq!(cli.config, Some(PathBuf::from("/etc/coremq.toml")));
         assert_eq!(cli.listen, vec!["0.0.0.0:1883".to_string(), "[::1]:1884".to_string()]);
-        assert_eq!(cli.threads, Some(4));
-        assert_eq!(cli.cpus.as_deref(), Some("0-3"));
-        assert_eq!(cli.backend.as_deref(), Some("epoll"));
-        assert_eq!(cli.connect_timeout, Some(2.5));
-        assert_eq!(cli.max_inflight, Some(10));
-        assert_eq!(cli.max_queued_messages, Some(100));
-        assert_eq!(cli.max_queued_bytes, Some(4096));
-        assert_eq!(cli.max_packet_size, Some(65536));
+        assert_eq!(cli.keys.0.get_one::<u64>("threads"), Some(&4));
     }
 
     #[test]
     fn no_flags_means_no_overrides() {
         let cli = Cli::try_parse_from(["coremq"]).unwrap();
-        assert!(cli.config.is_none() && cli.listen.is_empty() && cli.threads.is_none());
-        assert!(cli.cpus.is_none() && cli.backend.is_none() && cli.connect_timeout.is_none());
-        assert!(cli.max_inflight.is_none() && cli.max_queued_messages.is_none());
-        assert!(cli.max_queued_bytes.is_none() && cli.max_packet_size.is_none());
+        assert!(cli.config.is_none() && cli.listen.is_empty() && cli.command.is_none());
+        assert_eq!(cli.keys.0.ids().count(), 0, "{:?}", cli.keys.0);
     }
 
     #[test]

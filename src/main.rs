@@ -8,11 +8,10 @@ use std::time::Duration;
 use clap::Parser as _;
 
 use coremq::cli::{Cli, Command};
-use coremq::config::{self, BackendChoice, Config, SlowSubscriberChoice};
-use coremq::core::{Settings, SlowSubscriber};
+use coremq::config::{self, BackendChoice, Config};
+use coremq::core::Settings;
 use coremq::io::{self, Backend};
 use coremq::server::{self, CoreSetup, Reload, SHUTDOWN};
-use coremq::session::Limits;
 use coremq::stats::Stats;
 use coremq::{cpus, tls, xcore};
 
@@ -85,51 +84,6 @@ fn raise_open_files_limit() -> Result<u64, String> {
         lim = raised;
     }
     Ok(lim.rlim_cur)
-}
-
-fn settings(cfg: &Config) -> Settings {
-    Settings {
-        limits: Limits {
-            max_inflight: cfg.max_inflight,
-            max_queued_messages: cfg.max_queued_messages,
-            max_queued_bytes: cfg.max_queued_bytes,
-            // Pause policy: what is already in the rings when publishers are told to wait (at most a
-            // ring per source core) still fits, and as much again for retained messages on subscribe.
-            overflow_messages: match cfg.slow_subscriber {
-                SlowSubscriberChoice::Pause => {
-                    cfg.max_queued_messages.saturating_add(cfg.ring_capacity.saturating_mul(cfg.threads))
-                }
-                SlowSubscriberChoice::Drop => 0,
-            },
-            overflow_bytes: match cfg.slow_subscriber {
-                SlowSubscriberChoice::Pause => cfg.max_queued_bytes,
-                SlowSubscriberChoice::Drop => 0,
-            },
-        },
-        max_packet_size: cfg.max_packet_size,
-        connect_timeout: cfg.connect_timeout,
-        queue_qos0_messages: cfg.queue_qos0_messages,
-        max_outbox_messages: cfg.max_outbox_messages,
-        max_subscriptions_per_client: cfg.max_subscriptions_per_client,
-        max_topic_levels: cfg.max_topic_levels,
-        max_client_id_len: cfg.max_client_id_len,
-        max_keepalive: cfg.max_keepalive,
-        max_session_expiry: cfg.max_session_expiry_interval,
-        topic_alias_maximum: cfg.topic_alias_maximum,
-        receive_maximum: cfg.receive_maximum,
-        response_information: cfg
-            .response_information
-            .as_deref()
-            .map(coremq::protocol::Utf8Bytes::copy_from_str),
-        slow_subscriber_timeout: (cfg.slow_subscriber_timeout > 0)
-            .then(|| Duration::from_secs(cfg.slow_subscriber_timeout)),
-        passwords: cfg.password_file.as_ref().map(|(_, f)| f.clone()),
-        acl: cfg.acl_file.as_ref().map(|(_, a)| a.clone()),
-        slow_subscriber: match cfg.slow_subscriber {
-            SlowSubscriberChoice::Pause => SlowSubscriber::Pause,
-            SlowSubscriberChoice::Drop => SlowSubscriber::Drop,
-        },
-    }
 }
 
 /// One TLS configuration per listener (`None` for plain ones), built afresh for one core.
@@ -206,7 +160,7 @@ fn main() {
             io::claim_address(l.bind).unwrap_or_else(|e| fail(format!("cannot listen on {}: {e}", l.bind)))
         })
         .collect();
-    let backend = choose_backend(cfg.backend);
+    let backend = choose_backend(cfg.keys.backend);
     let sigset = block_signals();
 
     let n = cfg.threads;
@@ -217,21 +171,21 @@ fn main() {
         .map(|pc| server::persist::lock_data_dir(&pc.data_dir).unwrap_or_else(|e| fail(e)));
     // Recovery runs before any core starts: each core begins with its part of the state.
     let mut stores: Vec<Option<server::persist::CoreStore>> = match &cfg.persistence {
-        Some(pc) => server::persist::open_store(pc, n, settings(&cfg).limits)
+        Some(pc) => server::persist::open_store(pc, n, Settings::from_config(&cfg).limits)
             .unwrap_or_else(|e| fail(e))
             .into_iter()
             .map(Some)
             .collect(),
         None => (0..n).map(|_| None).collect(),
     };
-    let meshes = xcore::build_mesh(n, cfg.ring_capacity);
+    let meshes = xcore::build_mesh(n, cfg.keys.ring_capacity);
     let signals = meshes[0].signals().clone();
     let (ready_tx, ready_rx) = mpsc::channel();
     let (done_tx, done_rx) = mpsc::channel();
     let mut reloads = Vec::with_capacity(n);
     let addrs = cfg.listeners.clone();
     let per_listener: Vec<usize> = addrs.iter().map(|l| l.max_connections).collect();
-    let limits = xcore::ConnLimits::new(cfg.max_connections, &per_listener);
+    let limits = xcore::ConnLimits::new(cfg.keys.max_connections, &per_listener);
     for (id, mesh) in meshes.into_iter().enumerate() {
         let (reload_tx, reload_rx) = mpsc::channel();
         reloads.push(reload_tx);
@@ -239,7 +193,7 @@ fn main() {
         let tls = tls_configs(&cfg).unwrap_or_else(|e| fail(e));
         let setup = CoreSetup {
             id,
-            settings: settings(&cfg),
+            settings: Settings::from_config(&cfg),
             mesh,
             listeners: addrs.clone(),
             limits: limits.clone(),
@@ -249,7 +203,7 @@ fn main() {
             reload: reload_rx,
             store: stores.get_mut(id).and_then(Option::take),
         };
-        let cpu = cfg.cpus.as_ref().and_then(|c| c.get(id).copied());
+        let cpu = cfg.keys.cpus.as_ref().and_then(|c| c.get(id).copied());
         let spawned = std::thread::Builder::new().name(format!("coremq-core-{id}")).spawn(move || {
             if let Some(cpu) = cpu {
                 if let Err(e) = cpus::pin_current_thread(cpu) {
@@ -290,7 +244,7 @@ fn main() {
         ),
         Err(e) => eprintln!("coremq: warning: cannot raise the open files limit: {e}"),
     }
-    let pinning = match &cfg.cpus {
+    let pinning = match &cfg.keys.cpus {
         Some(c) => format!(", pinned to cpus {}", cpus::format_cpu_list(c)),
         None => String::new(),
     };

@@ -1,7 +1,8 @@
 //! The texts that list the broker's flags match the flags the binary has: README's usage block and the
 //! flags named in `coremq.example.toml`'s header are checked against `coremq -h` and `coremq passwd -h`.
-//! (The config keys are private to `src/config.rs`; its unit tests check README's config table and the
-//! example file against the keys the parser declares.)
+//! Those flags are made from the table of config keys (`src/config/keys.rs`), so these checks hold the
+//! texts to that table too; the config's unit tests check README's configuration table and the example
+//! file against the table directly.
 
 mod common;
 

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use crate::auth::acl::Acl;
 use crate::auth::password::PasswordFile;
+use crate::config::Config;
 use crate::protocol::Utf8Bytes;
 use crate::session::Limits;
 
@@ -45,7 +46,48 @@ pub struct Settings {
     pub response_information: Option<Utf8Bytes>,
 }
 
-/// The policy for an online session whose queue is full (`slow_subscriber` in config).
+impl Settings {
+    /// The settings of a broker configured as `cfg` (every core gets a copy).
+    pub fn from_config(cfg: &Config) -> Settings {
+        let k = &cfg.keys;
+        let pause = k.slow_subscriber == SlowSubscriber::Pause;
+        Settings {
+            limits: Limits {
+                max_inflight: k.max_inflight,
+                max_queued_messages: k.max_queued_messages,
+                max_queued_bytes: k.max_queued_bytes,
+                // Pause policy: what is already in the rings when publishers are told to wait (at most a
+                // ring per source core) still fits, and as much again for retained messages on subscribe.
+                overflow_messages: if pause {
+                    k.max_queued_messages.saturating_add(k.ring_capacity.saturating_mul(cfg.threads))
+                } else {
+                    0
+                },
+                overflow_bytes: if pause { k.max_queued_bytes } else { 0 },
+            },
+            max_packet_size: k.max_packet_size,
+            connect_timeout: k.connect_timeout,
+            queue_qos0_messages: k.queue_qos0_messages,
+            max_outbox_messages: k.max_outbox_messages,
+            max_subscriptions_per_client: k.max_subscriptions_per_client,
+            max_topic_levels: k.max_topic_levels,
+            max_client_id_len: k.max_client_id_len,
+            slow_subscriber: k.slow_subscriber,
+            slow_subscriber_timeout: (k.slow_subscriber_timeout > 0)
+                .then(|| Duration::from_secs(k.slow_subscriber_timeout)),
+            passwords: cfg.password_file.as_ref().map(|(_, f)| f.clone()),
+            acl: cfg.acl_file.as_ref().map(|(_, a)| a.clone()),
+            max_keepalive: k.max_keepalive,
+            max_session_expiry: k.max_session_expiry_interval,
+            topic_alias_maximum: k.topic_alias_maximum,
+            receive_maximum: k.receive_maximum,
+            response_information: k.response_information.as_deref().map(Utf8Bytes::copy_from_str),
+        }
+    }
+}
+
+/// The policy for an online session whose queue is full (the config key `slow_subscriber`, whose names
+/// are `"pause"` and `"drop"`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SlowSubscriber {
     /// Publishers of QoS 1/2 messages that would reach the session wait, unacknowledged, until its
@@ -53,4 +95,40 @@ pub enum SlowSubscriber {
     Pause,
     /// The newest messages are dropped and counted (mosquitto's behaviour); publishers never wait.
     Drop,
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::from_toml;
+
+    fn settings(text: &str) -> Settings {
+        Settings::from_config(&from_toml(text, Path::new("x.toml")).unwrap())
+    }
+
+    #[test]
+    fn pause_leaves_room_for_what_the_rings_hold() {
+        let s = settings("threads = 1\nmax_queued_messages = 10\nmax_queued_bytes = 100\nring_capacity = 64");
+        assert_eq!(s.slow_subscriber, SlowSubscriber::Pause);
+        assert_eq!((s.limits.max_queued_messages, s.limits.max_queued_bytes), (10, 100));
+        assert_eq!((s.limits.overflow_messages, s.limits.overflow_bytes), (10 + 64, 100));
+        let s = settings("threads = 1\nslow_subscriber = \"drop\"");
+        assert_eq!(s.slow_subscriber, SlowSubscriber::Drop);
+        assert_eq!((s.limits.overflow_messages, s.limits.overflow_bytes), (0, 0));
+    }
+
+    #[test]
+    fn keys_reach_the_settings() {
+        let s = settings("");
+        assert_eq!(s.slow_subscriber_timeout, Some(Duration::from_secs(60)));
+        assert_eq!((s.max_session_expiry, s.response_information), (u32::MAX, None));
+        let s = settings(
+            "slow_subscriber_timeout = 0\nmax_session_expiry_interval = 5\nresponse_information = \"r/\"",
+        );
+        assert_eq!(s.slow_subscriber_timeout, None);
+        assert_eq!(s.max_session_expiry, 5);
+        assert_eq!(s.response_information.as_ref().map(|r| r.as_str()), Some("r/"));
+    }
 }
