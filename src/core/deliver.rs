@@ -15,7 +15,7 @@ pub(super) const FRAME_BLOCK: usize = 64 * 1024;
 /// The QoS 0 frames of one message, encoded at most once per protocol layout and shared by every QoS 0
 /// subscriber of that layout on this core.
 #[derive(Default)]
-pub(super) struct SharedFrames {
+struct SharedFrames {
     pub(super) v3: Option<Bytes>,
     pub(super) v5: Option<Bytes>,
 }
@@ -80,6 +80,31 @@ pub(super) fn outbound_size(msg: &Message, qos: QoS, sub_ids: &SubIds) -> usize 
     protocol::publish_head_len_v5(msg.topic.len(), qos, props, msg.payload.len()) + msg.payload.len()
 }
 
+/// What one session was granted for one message: the QoS (the lower of the message's and the highest
+/// matching subscription's), whether the retain flag stays set, and the matching subscriptions' v5
+/// identifiers.
+pub(super) struct Grant {
+    pub(super) qos: QoS,
+    pub(super) retain: bool,
+    pub(super) ids: SubIds,
+}
+
+impl Grant {
+    /// The grant of one subscription with options `o` for `msg`.
+    pub(super) fn of(msg: &Message, o: &SubOpts) -> Grant {
+        let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
+        Grant { qos: msg.qos.min(o.qos), retain: msg.retain && o.retain_as_published, ids }
+    }
+}
+
+/// What the deliveries of one message on this core share: its QoS 0 frames (one per protocol layout) and
+/// its compacted copy for the sessions that queue it (one copy per message, not per subscriber).
+#[derive(Default)]
+pub(super) struct Fanout {
+    frames: SharedFrames,
+    compact: Option<Message>,
+}
+
 impl Core {
     /// Delivers to this core's matching sessions: once per session at the highest granted QoS, carrying
     /// the identifiers of every matching subscription (MQTT-3.3.4-3/5). `origin` is the publisher's session
@@ -94,13 +119,10 @@ impl Core {
         if matches.is_empty() {
             return;
         }
-        let mut shared = SharedFrames::default();
-        let mut compact: Option<Message> = None;
+        let mut fanout = Fanout::default();
         if matches.len() == 1 {
             let (skey, o) = matches[0];
-            let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
-            let retain = msg.retain && o.retain_as_published;
-            self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut shared, &mut compact);
+            self.deliver_to(skey, msg, Grant::of(msg, &o), &mut fanout);
             return;
         }
         // Overlapping subscriptions of one client: deliver once at the highest QoS (MQTT-3.3.5-1).
@@ -122,24 +144,13 @@ impl Core {
                 }
                 i += 1;
             }
-            self.deliver_to(skey, msg, msg.qos.min(qos), retain, ids, &mut shared, &mut compact);
+            self.deliver_to(skey, msg, Grant { qos: msg.qos.min(qos), retain, ids }, &mut fanout);
         }
     }
 
-    /// One delivery to one session. `shared` caches the QoS 0 frames of this message on this core (one per
-    /// protocol layout), and `compact` its compacted copy for sessions that will queue it (one copy per
-    /// message, not per subscriber).
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn deliver_to(
-        &mut self,
-        skey: SessionKey,
-        msg: &Message,
-        qos: QoS,
-        retain: bool,
-        sub_ids: SubIds,
-        shared: &mut SharedFrames,
-        compact: &mut Option<Message>,
-    ) {
+    /// One delivery of `msg` to session `skey`, as granted.
+    pub(super) fn deliver_to(&mut self, skey: SessionKey, msg: &Message, grant: Grant, fanout: &mut Fanout) {
+        let Grant { qos, retain, ids: sub_ids } = grant;
         let Some(se) = self.sessions.get_mut(skey) else { return };
         if se.check_reads {
             if let Some(acl) = &self.settings.acl {
@@ -181,14 +192,14 @@ impl Core {
                 if own {
                     se.session.deliver_with(msg.clone(), qos, retain, sub_ids, Some(&mut out));
                 } else {
-                    let frame = shared.get(v5.is_some(), msg, &mut self.frame_buf);
+                    let frame = fanout.frames.get(v5.is_some(), msg, &mut self.frame_buf);
                     out.push_back(OutFrame::Shared { frame, received: msg.received });
                 }
             }
             (None, QoS::AtMostOnce) if !self.settings.queue_qos0_messages => return,
             _ => {
                 let m = if se.session.would_queue(qos, ctl.is_some()) {
-                    compact.get_or_insert_with(|| msg.compacted()).clone()
+                    fanout.compact.get_or_insert_with(|| msg.compacted()).clone()
                 } else {
                     msg.clone()
                 };

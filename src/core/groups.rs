@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
+use super::deliver::{Fanout, Grant};
 use super::shared::{Members, RANK_BEST};
-use super::{Core, SharedFrames};
-use crate::session::{Message, SubIds};
+use super::Core;
+use crate::session::Message;
 use crate::topic::is_shared;
 use crate::topic::parse_shared;
 use crate::xcore::XMsg;
@@ -89,9 +90,7 @@ impl Core {
                 return;
             }
         }
-        let ids: SubIds = if o.id != 0 { smallvec::smallvec![o.id] } else { SubIds::new() };
-        let retain = msg.retain && o.retain_as_published;
-        self.deliver_to(skey, msg, msg.qos.min(o.qos), retain, ids, &mut SharedFrames::default(), &mut None);
+        self.deliver_to(skey, msg, Grant::of(msg, &o), &mut Fanout::default());
     }
 
     /// Sends `msg` to one member of the shared group `name`, on whichever core the views pick (never

@@ -50,7 +50,6 @@ pub use publish::message_props;
 
 use congestion::Held;
 use conns::{ConnEntry, V5Conn};
-use deliver::SharedFrames;
 pub use durable::Persister;
 use sessions::SessionEntry;
 pub use settings::{Settings, SlowSubscriber};

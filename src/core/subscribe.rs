@@ -3,11 +3,13 @@
 use super::keys::{ConnKey, SessionKey};
 use smallvec::SmallVec;
 
-use super::{Core, Flow, SharedFrames};
+use super::{Core, Flow};
 use crate::persist::Record;
 use crate::protocol::{reason, Packet, SubAck, Subscribe, UnsubAck, Unsubscribe, Utf8Bytes};
 use crate::session::{Message, SubIds, SubOpts};
 use std::sync::Arc;
+
+use super::deliver::{Fanout, Grant};
 
 use crate::topic::{is_shared, level_count, Filter};
 use crate::xcore::XMsg;
@@ -84,7 +86,7 @@ impl Core {
             let qos = m.qos.min(opts.qos);
             m.received = now;
             let ids: SubIds = if opts.id != 0 { smallvec::smallvec![opts.id] } else { SubIds::new() };
-            self.deliver_to(skey, &m, qos, true, ids, &mut SharedFrames::default(), &mut None);
+            self.deliver_to(skey, &m, Grant { qos, retain: true, ids }, &mut Fanout::default());
         }
         self.subscribing = false;
         Flow::Continue
