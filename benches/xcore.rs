@@ -15,7 +15,7 @@ use bytes::Bytes;
 use coremq::config::DEFAULT_RING_CAPACITY as RING_CAPACITY;
 use coremq::protocol::{QoS, Utf8Bytes};
 use coremq::session::Message;
-use coremq::xcore::{build_mesh, Mesh, XMsg};
+use coremq::xcore::{build_mesh, Control, Data, Mesh, XMsg};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 // The broker runs on mimalloc (src/main.rs): interest messages allocate on one core and free on another.
@@ -55,15 +55,17 @@ impl Source {
 
     fn msg(&self, kind: Kind, received: Instant) -> XMsg {
         match kind {
-            Kind::Publish => XMsg::Publish(Message {
+            Kind::Publish => XMsg::Data(Data::Publish(Message {
                 topic: self.topic.clone(),
                 payload: self.payload.clone(),
                 qos: QoS::AtMostOnce,
                 retain: false,
                 received,
                 props: None,
-            }),
-            Kind::Interest => XMsg::Interest { core: 0, filter: "site/17/dev/+/temp".into(), add: true },
+            })),
+            Kind::Interest => {
+                XMsg::Control(Control::Interest { core: 0, filter: "site/17/dev/+/temp".into(), add: true })
+            }
         }
     }
 }

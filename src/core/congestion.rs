@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::{ConnCtl, Core, SlowSubscriber};
 use crate::protocol::{Publish, QoS};
 use crate::topic::is_shared;
-use crate::xcore::XMsg;
+use crate::xcore::Control;
 
 /// A connection holds at most this many QoS 1/2 PUBLISHes (or [`HOLD_BYTES`] of them) waiting for a
 /// congested subscriber before the broker stops reading it. Below that it keeps reading, so the
@@ -147,7 +147,7 @@ impl Core {
             self.congested.insert(f, ck, ());
             for dst in 0..self.cores() {
                 if dst != self.id {
-                    self.mesh.stage(dst, XMsg::Congestion { key: ck, filter: f.clone(), on: true });
+                    self.mesh.stage(dst, Control::Congestion { key: ck, filter: f.clone(), on: true }.into());
                 }
             }
         }
@@ -163,7 +163,8 @@ impl Core {
             self.congested.remove(&f, ck);
             for dst in 0..self.cores() {
                 if dst != self.id {
-                    self.mesh.stage(dst, XMsg::Congestion { key: ck, filter: f.clone(), on: false });
+                    self.mesh
+                        .stage(dst, Control::Congestion { key: ck, filter: f.clone(), on: false }.into());
                 }
             }
         }

@@ -7,7 +7,7 @@
 //! Acknowledgement order with `fsync = "always"`: a QoS 1/2 PUBLISH changes this core's log (inbound QoS 2
 //! id, local persistent subscribers, a retained message this core owns) and is sent to other cores, whose
 //! logs it may change too. Its PUBACK/PUBREC waits until this core's log is durable past the position it
-//! reached, and every core it was sent to has confirmed (`XMsg::Durable`) that its log is durable past
+//! reached, and every core it was sent to has confirmed (`Control::Durable`) that its log is durable past
 //! what that message changed there. Cores count the publishes they send each other, so a confirmation is
 //! one number per pair of cores.
 
@@ -381,7 +381,7 @@ impl super::Core {
         }
         let me = self.id;
         for (core, upto) in confirm {
-            self.mesh.stage(core, crate::xcore::XMsg::Durable { core: me, upto });
+            self.mesh.stage(core, crate::xcore::Control::Durable { core: me, upto }.into());
         }
     }
 

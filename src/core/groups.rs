@@ -11,7 +11,7 @@ use super::Core;
 use crate::session::Message;
 use crate::topic::is_shared;
 use crate::topic::parse_shared;
-use crate::xcore::XMsg;
+use crate::xcore::{Control, Data};
 
 impl Core {
     /// Tells every core (this one included) how many members of each shared group of session `skey` this
@@ -48,7 +48,7 @@ impl Core {
         }
         for dst in 0..cores {
             if dst != self.id {
-                let msg = XMsg::Shared {
+                let msg = Control::Shared {
                     core: self.id,
                     group: group.clone(),
                     filter: filter.clone(),
@@ -56,7 +56,7 @@ impl Core {
                     online: m.online,
                     total: m.total,
                 };
-                self.mesh.stage(dst, msg);
+                self.mesh.stage(dst, msg.into());
             }
         }
     }
@@ -106,7 +106,7 @@ impl Core {
 
     /// Sends `msg` to `core` for one member of the shared group `name` there.
     pub(super) fn stage_shared(&mut self, core: usize, name: &Arc<str>, msg: Message, hops: u8) {
-        self.mesh.stage(core, XMsg::SharedPublish { msg, group: name.clone(), hops });
+        self.mesh.stage(core, Data::SharedPublish { msg, group: name.clone(), hops }.into());
         if let Some(p) = &mut self.persist {
             p.sent_to(core);
         }

@@ -1,4 +1,5 @@
-//! What other cores send this core (`XMsg`), taken in bounded batches.
+//! What other cores send this core (`XMsg`: data to deliver, control to keep its view of them), taken
+//! in bounded batches.
 
 use std::time::Instant;
 
@@ -6,7 +7,7 @@ use smallvec::SmallVec;
 
 use super::shared::Members;
 use super::{Core, DRAIN_BATCH};
-use crate::xcore::XMsg;
+use crate::xcore::{Control, Data, XMsg};
 
 impl Core {
     /// Processes what other cores sent. Returns how many messages were taken.
@@ -31,9 +32,9 @@ impl Core {
         if always {
             let mut at = 0;
             for &(src, count) in &runs {
-                let k = batch.get(at..at + count).map_or(0, |ms| {
-                    ms.iter().filter(|m| matches!(m, XMsg::Publish(_) | XMsg::SharedPublish { .. })).count()
-                });
+                let k = batch
+                    .get(at..at + count)
+                    .map_or(0, |ms| ms.iter().filter(|m| matches!(m, XMsg::Data(_))).count());
                 at += count;
                 if k > 0 {
                     publishes.push((src, k as u64));
@@ -42,41 +43,8 @@ impl Core {
         }
         for m in batch.drain(..) {
             match m {
-                XMsg::Publish(msg) => {
-                    if msg.retain {
-                        self.store_retained(&msg);
-                    }
-                    self.deliver_local(&msg, None);
-                }
-                XMsg::Interest { core, filter, add } => {
-                    if add {
-                        self.interest.insert(&filter, core, ());
-                    } else {
-                        self.interest.remove(&filter, core);
-                    }
-                }
-                XMsg::Congestion { key, filter, on } => {
-                    if on {
-                        self.congested.insert(&filter, key, ());
-                    } else {
-                        self.congested.remove(&filter, key);
-                        self.retry_held = true;
-                    }
-                }
-                XMsg::Handoff(h) => self.handoffs.push(h),
-                XMsg::Shared { core, group, filter, ready, online, total } => {
-                    let cores = self.cores();
-                    let m = Members { ready, online, total };
-                    if self.shared_views.update(cores, core, &group, &filter, m) {
-                        self.retry_held = true;
-                    }
-                }
-                XMsg::SharedPublish { msg, group, hops } => self.deliver_shared(&group, &msg, hops),
-                XMsg::Durable { core, upto } => {
-                    if let Some(p) = &mut self.persist {
-                        p.confirmed_by(core, upto);
-                    }
-                }
+                XMsg::Data(d) => self.take_data(d),
+                XMsg::Control(c) => self.take_control(c),
             }
         }
         self.inbound = batch;
@@ -86,5 +54,52 @@ impl Core {
             }
         }
         n
+    }
+
+    /// A message to deliver here.
+    fn take_data(&mut self, d: Data) {
+        match d {
+            Data::Publish(msg) => {
+                if msg.retain {
+                    self.store_retained(&msg);
+                }
+                self.deliver_local(&msg, None);
+            }
+            Data::SharedPublish { msg, group, hops } => self.deliver_shared(&group, &msg, hops),
+        }
+    }
+
+    /// What another core says of its state.
+    fn take_control(&mut self, c: Control) {
+        match c {
+            Control::Interest { core, filter, add } => {
+                if add {
+                    self.interest.insert(&filter, core, ());
+                } else {
+                    self.interest.remove(&filter, core);
+                }
+            }
+            Control::Congestion { key, filter, on } => {
+                if on {
+                    self.congested.insert(&filter, key, ());
+                } else {
+                    self.congested.remove(&filter, key);
+                    self.retry_held = true;
+                }
+            }
+            Control::Handoff(h) => self.handoffs.push(h),
+            Control::Shared { core, group, filter, ready, online, total } => {
+                let cores = self.cores();
+                let m = Members { ready, online, total };
+                if self.shared_views.update(cores, core, &group, &filter, m) {
+                    self.retry_held = true;
+                }
+            }
+            Control::Durable { core, upto } => {
+                if let Some(p) = &mut self.persist {
+                    p.confirmed_by(core, upto);
+                }
+            }
+        }
     }
 }

@@ -13,7 +13,7 @@ use crate::protocol::properties::{self, Properties};
 use crate::protocol::{reason, Ack, Packet, Publish, QoS, Utf8Bytes};
 use crate::session::{Message, MsgProps, OutFrame, Outbox};
 use crate::topic::{level_count, valid_topic_name};
-use crate::xcore::XMsg;
+use crate::xcore::Data;
 
 /// The v5 properties a message carries on: those forwarded unchanged, encoded once, and its expiry.
 /// `None` when there are none, so that a plain message allocates nothing.
@@ -237,7 +237,7 @@ impl Core {
         while mask != 0 {
             let dst = mask.trailing_zeros() as usize;
             mask &= mask - 1;
-            self.mesh.stage(dst, XMsg::Publish(msg.clone()));
+            self.mesh.stage(dst, Data::Publish(msg.clone()).into());
             if let Some(p) = &mut self.persist {
                 p.sent_to(dst);
             }

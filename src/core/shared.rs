@@ -3,7 +3,7 @@
 //!
 //! The choice is made in two steps, so that no core needs another core's sessions:
 //! 1. the **publishing core** picks a core for each matching group, weighted by how many online members
-//!    each core announced ([`GroupViews`], kept current by `XMsg::Shared`);
+//!    each core announced ([`GroupViews`], kept current by `Control::Shared`);
 //! 2. that **core** picks one of its own members, round robin, online ones first ([`LocalGroups`]).
 //!
 //! Members receive in proportion to their number: a core with two ready members is picked twice as often

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use super::deliver::{Fanout, Grant};
 
 use crate::topic::{is_shared, level_count, Filter};
-use crate::xcore::XMsg;
+use crate::xcore::Control;
 
 impl Core {
     pub(super) fn on_subscribe(&mut self, key: ConnKey, skey: SessionKey, sub: Subscribe) -> Flow {
@@ -158,7 +158,7 @@ impl Core {
     pub(super) fn broadcast_interest(&mut self, filter: &str, add: bool) {
         for dst in 0..self.cores() {
             if dst != self.id {
-                self.mesh.stage(dst, XMsg::Interest { core: self.id, filter: filter.into(), add });
+                self.mesh.stage(dst, Control::Interest { core: self.id, filter: filter.into(), add }.into());
             }
         }
     }

@@ -16,7 +16,7 @@ use crate::protocol::properties::Properties;
 use crate::protocol::{self, reason, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, Utf8Bytes};
 use crate::session::{OutFrame, Outbox};
 use crate::tls;
-use crate::xcore::{ConnPermit, Handoff, XMsg};
+use crate::xcore::{ConnPermit, Control, Handoff};
 
 /// First read buffer of a connection. Small, because an io_uring read holds its buffer while the
 /// connection is idle (a typical CONNECT fits); it doubles when a read fills it, up to
@@ -295,7 +295,7 @@ pub async fn serve_new(
         Ok(stream) => {
             let mut c = core.borrow_mut();
             let h = Handoff { stream, connect, assigned, buffered: buf, permit, tls };
-            c.mesh.stage(home, XMsg::Handoff(h));
+            c.mesh.stage(home, Control::Handoff(h).into());
             c.end_batch(Instant::now());
             drop(c);
             schedule_tick(&core);

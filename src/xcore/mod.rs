@@ -29,9 +29,27 @@ pub const MAX_CORES: usize = 64;
 /// A message from one core to another.
 #[derive(Debug)]
 pub enum XMsg {
+    /// A message to deliver: what the rings are for.
+    Data(Data),
+    /// What the cores tell each other so that they route and pause correctly: few, and never per message.
+    Control(Control),
+}
+
+/// Messages to deliver.
+#[derive(Debug)]
+pub enum Data {
     /// Deliver to the destination core's matching subscriptions. If `retain` is set, the destination
     /// also updates its copy of the retained store (retained publishes go to every core).
     Publish(Message),
+    /// The publishing core picked the destination core to deliver `msg` to one member of `group`.
+    /// `hops`: how many cores found no member of their own and passed it on (bounded by the core count).
+    SharedPublish { msg: Message, group: Arc<str>, hops: u8 },
+}
+
+/// What one core tells another about its state: interest, congestion, shared-group membership,
+/// durability, and connections moving to their home core.
+#[derive(Debug)]
+pub enum Control {
     /// The sending core gained its first (`add`) or lost its last subscription to `filter`.
     Interest { core: usize, filter: Box<str>, add: bool },
     /// A session of the sending core became congested (`on`) or drained (pause policy): QoS 1/2
@@ -43,12 +61,21 @@ pub enum XMsg {
     /// The sending core's members of the shared group `group` (`$share/{g}/{filter}`): how many are
     /// ready (online and not congested), how many online, how many in all.
     Shared { core: usize, group: Arc<str>, filter: Box<str>, ready: u32, online: u32, total: u32 },
-    /// The publishing core picked the destination core to deliver `msg` to one member of `group`.
-    /// `hops`: how many cores found no member of their own and passed it on (bounded by the core count).
-    SharedPublish { msg: Message, group: Arc<str>, hops: u8 },
     /// Persistence with `fsync = "always"`: the sending core's log is durable past everything the first
-    /// `upto` publishes (`Publish` and `SharedPublish`) from the destination core changed.
+    /// `upto` publishes (`Data` messages) from the destination core changed.
     Durable { core: usize, upto: u64 },
+}
+
+impl From<Data> for XMsg {
+    fn from(d: Data) -> XMsg {
+        XMsg::Data(d)
+    }
+}
+
+impl From<Control> for XMsg {
+    fn from(c: Control) -> XMsg {
+        XMsg::Control(c)
+    }
 }
 
 /// A connection moving to its home core, with everything read from it so far.
@@ -352,7 +379,7 @@ mod tests {
     const CAP: usize = 4096;
 
     fn interest(core: usize, f: &str) -> XMsg {
-        XMsg::Interest { core, filter: f.into(), add: true }
+        XMsg::Control(Control::Interest { core, filter: f.into(), add: true })
     }
 
     #[test]
@@ -370,7 +397,7 @@ mod tests {
         let cores: Vec<usize> = out
             .iter()
             .map(|m| match m {
-                XMsg::Interest { core, .. } => *core,
+                XMsg::Control(Control::Interest { core, .. }) => *core,
                 _ => usize::MAX,
             })
             .collect();
@@ -400,7 +427,7 @@ mod tests {
         out.clear();
         assert_eq!(b.drain(usize::MAX, &mut out), 5);
         match &out[4] {
-            XMsg::Interest { core, .. } => assert_eq!(*core, CAP + 4),
+            XMsg::Control(Control::Interest { core, .. }) => assert_eq!(*core, CAP + 4),
             other => panic!("unexpected {other:?}"),
         }
     }
