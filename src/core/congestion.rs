@@ -1,5 +1,6 @@
 //! Congestion (pause policy): sessions whose queue is full pause the QoS 1/2 publishers of matching messages on every core; their PUBLISHes wait unacknowledged in the connection's `Held` list until the congestion is withdrawn.
 
+use super::broken;
 use super::keys::{ConnKey, Key, SessionKey};
 use std::collections::VecDeque;
 use std::rc::Rc;
@@ -54,7 +55,10 @@ impl Core {
     }
 
     pub(super) fn hold(&mut self, key: ConnKey, p: Publish, now: Instant) {
-        let Some(c) = self.conns.get_mut(key) else { return };
+        let Some(c) = self.conns.get_mut(key) else {
+            broken!("a PUBLISH held for a connection that does not exist");
+            return;
+        };
         let held = c.held.get_or_insert_with(|| {
             self.holding.push(key);
             Box::default()

@@ -1,5 +1,6 @@
 //! CONNECT: admission checks, client ids, credentials, attaching a connection to its session (takeover, resumption), and DISCONNECT from either side.
 
+use super::broken;
 use super::keys::{ConnKey, SessionKey};
 use std::time::{Duration, Instant};
 
@@ -128,7 +129,10 @@ impl Core {
         let server_keep_alive =
             (v5 && (keep_alive > max_ka || (keep_alive == 0 && max_ka < u16::MAX))).then_some(max_ka);
         let keep_alive = server_keep_alive.unwrap_or(keep_alive);
-        let Some(entry) = self.conns.get_mut(key) else { return };
+        let Some(entry) = self.conns.get_mut(key) else {
+            broken!("connect for a connection that is not registered");
+            return;
+        };
         entry.session = Some(skey);
         entry.will = will.map(Box::new);
         entry.timeout = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -143,7 +147,10 @@ impl Core {
         let ctl = entry.ctl.clone();
         // Keep-alive replaces the connect timeout.
         self.arm_silence(key);
-        let Some(se) = self.sessions.get_mut(skey) else { return };
+        let Some(se) = self.sessions.get_mut(skey) else {
+            broken!("the session of a CONNECT vanished while it was attached");
+            return;
+        };
         se.conn = Some(key);
         se.offline_since = None;
         se.expiry = expiry;

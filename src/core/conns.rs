@@ -1,5 +1,6 @@
 //! This core's connections: registration, keep-alive bookkeeping, and closing one (its will, its session going offline or ending).
 
+use super::broken;
 use super::keys::{ConnKey, SessionKey};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -120,7 +121,10 @@ impl Core {
                 c.ctl.kick();
             }
         }
-        let Some(entry) = self.conns.remove(key) else { return };
+        let Some(entry) = self.conns.remove(key) else {
+            broken!("a connection checked a moment ago is gone");
+            return;
+        };
         self.trim.freed();
         if entry.held.is_some() {
             // Never acknowledged: the client sends them again when it reconnects.

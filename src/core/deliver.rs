@@ -1,5 +1,6 @@
 //! Delivery to this core's sessions: one copy per session at the highest granted QoS, QoS 0 frames encoded once per protocol layout and shared.
 
+use super::broken;
 use super::keys::SessionKey;
 use bytes::{Bytes, BytesMut};
 use smallvec::SmallVec;
@@ -151,7 +152,10 @@ impl Core {
     /// One delivery of `msg` to session `skey`, as granted.
     pub(super) fn deliver_to(&mut self, skey: SessionKey, msg: &Message, grant: Grant, fanout: &mut Fanout) {
         let Grant { qos, retain, ids: sub_ids } = grant;
-        let Some(se) = self.sessions.get_mut(skey) else { return };
+        let Some(se) = self.sessions.get_mut(skey) else {
+            broken!("the index names a session that does not exist");
+            return;
+        };
         if se.check_reads {
             if let Some(acl) = &self.settings.acl {
                 let user = se.username.as_ref().map(|u| u.as_str());

@@ -59,6 +59,18 @@ use trim::Trim;
 
 use crate::persist::Clock;
 
+/// An invariant the code relies on did not hold: a programmer error, never bad network input (which is
+/// validated and answered). Debug builds, which the unit tests and the fuzz targets use, stop here; a
+/// release broker goes on with the safe fallback written after it rather than lose its other clients.
+macro_rules! broken {
+    ($($why:tt)*) => {
+        if cfg!(debug_assertions) {
+            panic!("invariant broken: {}", format_args!($($why)*));
+        }
+    };
+}
+pub(crate) use broken;
+
 /// What the reader does after a packet.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Flow {

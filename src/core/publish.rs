@@ -1,5 +1,6 @@
 //! A PUBLISH from a client: checks in a fixed order (aliases, topic, receive maximum, hold), the acknowledgement, and routing to the retained store, local subscribers, other cores and shared groups.
 
+use super::broken;
 use super::keys::{ConnKey, SessionKey};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -172,7 +173,10 @@ impl Core {
         }
         let Some(ack) = ack else { return };
         if always {
-            let Some(ctl) = self.conns.get(key).map(|c| c.ctl.clone()) else { return };
+            let Some(ctl) = self.conns.get(key).map(|c| c.ctl.clone()) else {
+                broken!("a PUBLISH acknowledged for a connection that does not exist");
+                return;
+            };
             let Some(pst) = &mut self.persist else { return };
             let remote: SmallVec<[(usize, u64); 2]> = pst
                 .sent_counts()

@@ -1,5 +1,6 @@
 //! Sessions over time: ending one (its subscriptions, its shared-group messages handed on) and wills.
 
+use super::broken;
 use super::keys::{ConnKey, SessionKey};
 use std::sync::Arc;
 use std::time::Instant;
@@ -50,7 +51,10 @@ impl Core {
         if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
             self.log(Record::SessionEnd { sid });
         }
-        let Some(mut se) = self.sessions.remove(skey) else { return };
+        let Some(mut se) = self.sessions.remove(skey) else {
+            broken!("a session checked a moment ago is gone");
+            return;
+        };
         let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
         for filter in se.session.subscriptions.keys() {
             groups.extend(self.leave_routing(skey, filter));
