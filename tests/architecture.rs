@@ -93,6 +93,27 @@ fn the_core_reads_no_clock_and_names_no_io() {
 }
 
 #[test]
+fn the_connection_glue_shared_with_the_fuzz_target_is_plain() {
+    // Admission, the reader's decoding and the outbox encoding are plain functions that the connection
+    // tasks and the `connection` fuzz target both call: no sockets, no TLS session, no clock.
+    let plain = ["server/admit.rs", "server/inbox.rs", "server/outbox.rs"];
+    let found = sources().into_iter().filter(|(file, _)| plain.contains(&file.as_str())).count();
+    assert_eq!(found, plain.len(), "a module of {plain:?} moved: update this test");
+    for (file, text) in sources() {
+        if !plain.contains(&file.as_str()) {
+            continue;
+        }
+        // Its unit tests may read the clock to build messages.
+        let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+        for word in
+            ["crate::io", "crate::tls", "tokio", "std::net", "std::fs", "Instant::now", "SystemTime::now"]
+        {
+            assert!(!code_lines(code).any(|l| l.contains(word)), "{file} uses {word}: it must stay plain");
+        }
+    }
+}
+
+#[test]
 fn broker_state_is_never_behind_a_lock() {
     for (file, text) in sources() {
         for word in ["Mutex", "RwLock"] {

@@ -1,5 +1,9 @@
 //! The two tasks of one client connection: the reader (socket -> decoder -> core) and the writer
 //! (outbox -> encoder -> one vectored write per wake-up).
+//!
+//! Only the sockets, TLS and the tasks' life cycle are here: what the tasks decide is in plain
+//! functions shared with the `connection` fuzz target, [`admit`] (a new connection's CONNECT),
+//! [`inbox`](super::inbox) (decoding into the core) and [`outbox`] (encoding for the client).
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -9,12 +13,13 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use rustls::{ServerConfig, ServerConnection};
 
+use super::admit::{self, FirstPacket, Hello, Login, Refusal};
+use super::inbox::decode_batch;
+use super::outbox::{self, encode_outbox, OutState};
 use super::{after_batch, schedule_tick, wait_unblocked, CoreRef};
-use crate::core::{check_connect, home_core, ConnCtl, ConnKey, Flow};
+use crate::core::{home_core, ConnCtl, ConnKey, Flow};
 use crate::io::{self, Conn};
-use crate::protocol::properties::Properties;
-use crate::protocol::{self, reason, ConnAck, Connect, DecodeError, Packet, ProtocolVersion, Utf8Bytes};
-use crate::session::{OutFrame, Outbox};
+use crate::protocol::{self, ProtocolVersion};
 use crate::tls;
 use crate::xcore::{ConnPermit, Control, Handoff};
 
@@ -25,11 +30,6 @@ const READ_BUF_INITIAL: usize = 128;
 const READ_BUF_MAX: usize = 64 * 1024;
 /// How long a closing connection's writer may take to flush before the socket is shut down anyway.
 const FLUSH_ON_CLOSE: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// The largest CONNECT 3.1.1 allows (fixed header, variable header, five 16-bit-length fields), plus room
-/// for v5 CONNECT and will properties: a connection that has not sent CONNECT yet cannot make the broker
-/// buffer more than this.
-const MAX_CONNECT_SIZE: usize = 5 + 12 + 5 * (2 + 65_535) + 2 * 65_536;
 
 /// Below this much free space a read is not worth a syscall: get a fresh block instead.
 const MIN_SPARE: usize = 128;
@@ -165,121 +165,54 @@ pub async fn serve_new(
     let tls = match &transport.tls {
         Some(config) => match handshake(&conn, &ctl, config).await {
             Some(session) => Some(Rc::new(TlsConn::new(session))),
-            None if ctl.is_closing() => return refuse(&core, key, &ctl, &conn, None, Refusal::Silent).await,
+            None if ctl.is_closing() => return refuse(&core, key, &ctl, &conn, None, None).await,
             None => {
-                return refuse(&core, key, &ctl, &conn, None, Refusal::Close("TLS handshake failed")).await
+                let r = Some(Refusal::Close("TLS handshake failed"));
+                return refuse(&core, key, &ctl, &conn, None, r).await;
             }
         },
         None => None,
     };
     let tls_ref = tls.as_deref();
-    let max_packet = core.borrow().settings().max_packet_size.min(MAX_CONNECT_SIZE);
+    let max_packet_size = core.borrow().settings().max_packet_size;
     let mut buf = BytesMut::with_capacity(READ_BUF_INITIAL);
     let connect = loop {
-        prepare_read(&mut buf, READ_BUF_INITIAL, max_packet);
+        prepare_read(&mut buf, READ_BUF_INITIAL, admit::connect_limit(max_packet_size));
         let (res, b) = read_plain(&conn, tls_ref, &ctl, buf).await;
         buf = b;
         if ctl.is_closing() {
             // The sweeper closed it (connect_timeout) and counted it.
-            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Silent).await;
+            return refuse(&core, key, &ctl, &conn, tls_ref, None).await;
         }
         if !matches!(res, Ok(n) if n > 0) {
-            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("closed before CONNECT")).await;
+            let r = Some(Refusal::Close("closed before CONNECT"));
+            return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
         }
-        // MQTT-3.1.0-1: anything but CONNECT first is refused as soon as its first byte is seen, not
-        // after buffering a whole (possibly huge) packet.
-        if buf.first().is_some_and(|&b| b != 0x10) {
-            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("first packet not CONNECT"))
-                .await;
-        }
-        let v5_connect = connect_level(&buf) == Some(5);
-        match protocol::decode(&mut buf, ProtocolVersion::V3_1_1, max_packet) {
-            Ok(Some(Packet::Connect(c))) => break c,
-            // MQTT-3.1.0-1: the first packet must be CONNECT.
-            Ok(Some(_)) => {
-                return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("first packet not CONNECT"))
-                    .await
-            }
-            Ok(None) => continue,
-            // MQTT-3.1.2-2: an unsupported level gets CONNACK 0x01 (3.1.1 layout), then the connection
-            // closes.
-            Err(DecodeError::UnsupportedProtocolLevel { .. }) => {
-                let r = Refusal::Connack(
-                    ProtocolVersion::V3_1_1,
-                    reason::UNSUPPORTED_PROTOCOL_VERSION,
-                    "unacceptable protocol version",
-                );
-                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
-            }
-            // A v5 CONNECT that does not decode is answered with a v5 CONNACK naming the error
-            // (MQTT-4.13.1-1); before v5 the connection just closes (MQTT-3.1.4-1).
-            Err(e) if v5_connect => {
-                let r = Refusal::Connack(ProtocolVersion::V5, e.reason_code(), "malformed CONNECT");
-                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
-            }
-            Err(_) => {
-                return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("malformed CONNECT")).await
-            }
+        match admit::read_connect(&mut buf, max_packet_size) {
+            FirstPacket::More => {}
+            FirstPacket::Connect(c) => break c,
+            FirstPacket::Refuse(r) => return refuse(&core, key, &ctl, &conn, tls_ref, Some(r)).await,
         }
     };
-    let mut connect = connect;
-    let version = connect.protocol;
-    if transport.identity_as_username {
-        // Mutual TLS already authenticated the client: its certificate's name is its username, and the
-        // password file is not consulted (mosquitto's use_identity_as_username).
-        match tls_ref.and_then(|t| tls::identity(&t.session.borrow())) {
-            Some(name) => {
-                connect.username = Some(Utf8Bytes::copy_from_str(&name));
-                connect.password = None;
-            }
-            None => {
-                let r = Refusal::Connack(
-                    version,
-                    reason::NOT_AUTHORIZED,
-                    "no identity in the client certificate",
-                );
-                return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
-            }
-        }
-    } else if !core.borrow_mut().authenticate(&connect, allow_anonymous) {
-        // On the accepting core, before any session work: a refused client costs its home core nothing.
-        // 3.1.1 gets 0x05 for both (mosquitto's answer); v5 can say which.
-        let r = match connect.username {
-            Some(_) => {
-                Refusal::Connack(version, reason::BAD_USERNAME_OR_PASSWORD, "bad username or password")
-            }
-            None => Refusal::Connack(version, reason::NOT_AUTHORIZED, "anonymous not allowed"),
-        };
-        return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
-    }
-    if !permit.granted() {
-        // 3.1.1: 0x03 server unavailable.
-        let r = Refusal::Connack(version, reason::QUOTA_EXCEEDED, "max_connections reached");
-        return refuse(&core, key, &ctl, &conn, tls_ref, r).await;
-    }
-    let check = check_connect(&connect, core.borrow().settings());
-    match check {
-        Err((code, why)) => {
-            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Connack(version, code, why)).await
-        }
-        Ok(false) => {
-            return refuse(&core, key, &ctl, &conn, tls_ref, Refusal::Close("invalid will topic")).await
-        }
-        Ok(true) => {}
-    }
-    let assigned = connect.client_id.is_empty();
-    if assigned {
-        connect.client_id = core.borrow_mut().assign_client_id(Instant::now());
-    }
+    let login = if transport.identity_as_username {
+        Login::Certificate(tls_ref.and_then(|t| tls::identity(&t.session.borrow())))
+    } else {
+        Login::Password { allow_anonymous }
+    };
+    let admitted = admit::admit(&mut core.borrow_mut(), connect, login, permit.granted(), Instant::now());
+    let hello = match admitted {
+        Ok(hello) => hello,
+        Err(r) => return refuse(&core, key, &ctl, &conn, tls_ref, Some(r)).await,
+    };
     let (me, cores) = {
         let c = core.borrow();
         (c.id, c.cores())
     };
-    let home = home_core(connect.client_id.as_str(), cores);
+    let home = home_core(hello.connect.client_id.as_str(), cores);
     if home == me {
         // The connection's own tasks take over, so that this handshake's future (and its larger state)
         // is freed now rather than held for the connection's whole life.
-        start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
+        start(core, key, ctl, Link { conn, tls }, hello, buf, permit);
         return;
     }
     // Hand-off: the session lives on `home`. No operation is in flight on the socket now.
@@ -294,6 +227,7 @@ pub async fn serve_new(
     match conn.into_std() {
         Ok(stream) => {
             let mut c = core.borrow_mut();
+            let Hello { connect, assigned } = hello;
             let h = Handoff { stream, connect, assigned, buffered: buf, permit, tls };
             c.mesh.stage(home, Control::Handoff(h).into());
             c.end_batch(Instant::now());
@@ -325,54 +259,27 @@ pub fn serve_handoff(core: CoreRef, h: Handoff) {
     start(core, key, ctl, Link { conn, tls }, Hello { connect, assigned }, buf, permit);
 }
 
-/// How a connection that never got a session is turned away.
-enum Refusal {
-    /// Already counted (the sweeper closed it): just close.
-    Silent,
-    /// Close without CONNACK, counted under this reason.
-    Close(&'static str),
-    /// CONNACK with this v5 reason code, in the layout of that version (downgraded before v5), counted
-    /// under the string (also the v5 reason string).
-    Connack(ProtocolVersion, u8, &'static str),
-}
-
-/// The protocol level byte of a CONNECT at the front of `buf`, once it has arrived.
-fn connect_level(buf: &[u8]) -> Option<u8> {
-    // Fixed header: type byte and 1..4 length bytes; then the protocol name's two-byte length.
-    let len_bytes = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
-    let name_at = 1 + len_bytes;
-    let name_len = usize::from(u16::from_be_bytes([*buf.get(name_at)?, *buf.get(name_at + 1)?]));
-    buf.get(name_at + 2 + name_len).copied()
-}
-
 /// Closes a connection that never got a session, after sending a CONNACK refusal if `r` says so
-/// (encrypted on a TLS connection, followed by close_notify), and counts it.
+/// (encrypted on a TLS connection, followed by close_notify), and counts it. `None`: already counted
+/// (the sweeper closed it), just close.
 async fn refuse(
     core: &CoreRef,
     key: ConnKey,
     ctl: &Rc<ConnCtl>,
     conn: &Conn,
     tls: Option<&TlsConn>,
-    r: Refusal,
+    r: Option<Refusal>,
 ) {
     {
         let mut c = core.borrow_mut();
         c.unregister(key, ctl);
-        match r {
-            Refusal::Silent => {}
-            Refusal::Close(why) | Refusal::Connack(_, _, why) => c.stats.count_refused(why),
+        if let Some(r) = r {
+            c.stats.count_refused(r.reason());
         }
     }
-    if let Refusal::Connack(version, code, why) = r {
+    if let Some((version, connack)) = r.and_then(|r| r.connack()) {
         let mut out = BytesMut::new();
-        let properties = (version == ProtocolVersion::V5).then(|| {
-            Box::new(Properties { reason_string: Some(Utf8Bytes::from_static(why)), ..Properties::default() })
-        });
-        protocol::encode(
-            &Packet::ConnAck(ConnAck { session_present: false, code, properties }),
-            version,
-            &mut out,
-        );
+        protocol::encode(&connack, version, &mut out);
         let mut iov = vec![out.freeze()];
         if let Some(t) = tls {
             let mut s = t.session.borrow_mut();
@@ -382,13 +289,6 @@ async fn refuse(
         let _ = conn.write_all_vectored(iov).await;
     }
     conn.shutdown();
-}
-
-/// The CONNECT a connection was accepted with.
-struct Hello {
-    connect: Box<Connect>,
-    /// The broker assigned the client id.
-    assigned: bool,
 }
 
 /// A connection's socket and, on an `mqtts` listener, its TLS session.
@@ -422,8 +322,7 @@ fn start(
         // whole life, so give them their own small allocations instead of pinning that buffer.
         connect.detach();
         let version = connect.protocol;
-        // Topic aliases the broker may use towards the client (v5 Topic Alias Maximum).
-        let aliases = connect.properties.topic_alias_maximum.unwrap_or(0);
+        let aliases = outbox::alias_max(&connect);
         let mut c = core.borrow_mut();
         c.connect(key, connect, assigned, Instant::now());
         c.end_batch(Instant::now());
@@ -560,20 +459,8 @@ fn reading(
                 // visible to it ("subscribe takes effect at once"), so take them first; usually a no-op.
                 let now = Instant::now();
                 c.drain_inbound(now);
-                let mut flow = Flow::Continue;
-                while flow == Flow::Continue && !r.ctl.is_closing() {
-                    match protocol::decode(&mut buf, r.version, r.max_packet) {
-                        Ok(Some(p)) => flow = c.handle(r.key, p, now),
-                        Ok(None) => break,
-                        Err(e @ DecodeError::PacketTooLarge { .. }) => {
-                            flow = Flow::Close(e.reason_code(), "packet too large")
-                        }
-                        Err(e @ DecodeError::Protocol(_)) => {
-                            flow = Flow::Close(e.reason_code(), "protocol error")
-                        }
-                        Err(e) => flow = Flow::Close(e.reason_code(), "malformed packet"),
-                    }
-                }
+                let flow =
+                    decode_batch(&mut buf, r.version, r.max_packet, &r.ctl, |p| c.handle(r.key, p, now));
                 if let Flow::Close(code, why) = flow {
                     // v5: tell the client why before closing (MQTT-4.13.1-1).
                     c.send_disconnect(r.key, code, why);
@@ -661,7 +548,12 @@ fn writer(
             if iov.capacity() == 0 && !ctl.outbox.borrow().is_empty() {
                 (iov, stamps) = SPARE_LISTS.with_borrow_mut(|l| l.pop()).unwrap_or_default();
             }
-            encode_outbox(&mut ctl.outbox.borrow_mut(), &mut out, &mut iov, &mut stamps);
+            {
+                let mut ob = ctl.outbox.borrow_mut();
+                if !ob.is_empty() {
+                    encode_outbox(&mut ob, &mut out, &mut iov, &mut stamps, Instant::now());
+                }
+            }
             if let Some(t) = &tls {
                 let mut s = t.session.borrow_mut();
                 if ctl.is_closing() && iov.is_empty() {
@@ -715,12 +607,7 @@ fn writer(
                 break;
             }
             if !stamps.is_empty() {
-                let now = Instant::now();
-                let mut c = core.borrow_mut();
-                c.stats.msgs_out += stamps.len() as u64;
-                for s in stamps.drain(..) {
-                    c.stats.record_latency(now.saturating_duration_since(s));
-                }
+                outbox::record_sent(&mut core.borrow_mut().stats, &mut stamps, Instant::now());
             }
         }
         ctl.set_writer_finished();
@@ -753,126 +640,6 @@ fn give_back_lists(iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
             l.push(pair);
         }
     });
-}
-
-/// What the writer of one connection keeps between batches: the protocol layout, and (v5) the topic
-/// aliases it assigned.
-struct OutState {
-    version: ProtocolVersion,
-    /// The client's Topic Alias Maximum; 0 = no aliases.
-    alias_max: u16,
-    /// Topic -> alias assigned on this connection; boxed and created on first use, since most connections
-    /// never have one. Once `alias_max` are assigned, other topics are sent in full.
-    #[allow(clippy::box_collection)] // 8 bytes in every writer task instead of an empty map's 48
-    aliases: Option<Box<std::collections::HashMap<Utf8Bytes, u16>>>,
-    /// Scratch for a v5 delivery's own properties, reused so that a delivery allocates nothing.
-    own: BytesMut,
-}
-
-impl OutState {
-    fn new(version: ProtocolVersion, alias_max: u16) -> OutState {
-        OutState { version, alias_max, aliases: None, own: BytesMut::new() }
-    }
-
-    /// The alias for `topic`, and whether the topic name must be sent with it (first use).
-    fn alias(&mut self, topic: &Utf8Bytes) -> Option<(u16, bool)> {
-        if self.alias_max == 0 {
-            return None;
-        }
-        let map = self.aliases.get_or_insert_with(Default::default);
-        if let Some(&a) = map.get(topic) {
-            return Some((a, false));
-        }
-        let next = u16::try_from(map.len() + 1).ok().filter(|&n| n <= self.alias_max)?;
-        map.insert(topic.clone(), next);
-        Some((next, true))
-    }
-}
-
-/// Turns outbox frames into write buffers. Heads and control packets are encoded into one buffer
-/// allocated per batch; payloads and shared QoS 0 frames are referenced, never copied.
-fn encode_outbox(ob: &mut Outbox, st: &mut OutState, iov: &mut Vec<Bytes>, stamps: &mut Vec<Instant>) {
-    if ob.is_empty() {
-        return;
-    }
-    let mut head = BytesMut::with_capacity(ob.len() * 32);
-    let mut now = None;
-    for f in ob.drain(..) {
-        match f {
-            OutFrame::Shared { frame, received } => {
-                push_head(&mut head, iov);
-                iov.push(frame);
-                stamps.push(received);
-            }
-            OutFrame::Publish { msg, qos, pkid, dup, retain, sub_ids }
-                if st.version == ProtocolVersion::V5 =>
-            {
-                // The per-subscriber properties; the forwarded ones follow as they are.
-                let mut own = std::mem::take(&mut st.own);
-                own.clear();
-                for id in sub_ids {
-                    own.extend_from_slice(&[0x0B]);
-                    protocol::properties::put_vbi(&mut own, id as usize);
-                }
-                if let Some(expires) = msg.props.as_ref().and_then(|p| p.expires) {
-                    // MQTT-3.3.2-6: the interval that remains, at least 1 s (it had not expired when queued).
-                    let now = *now.get_or_insert_with(Instant::now);
-                    let left = expires.saturating_duration_since(now).as_secs_f64().ceil().max(1.0) as u32;
-                    own.extend_from_slice(&[0x02]);
-                    own.extend_from_slice(&left.to_be_bytes());
-                }
-                let mut topic = msg.topic.as_str();
-                if let Some((alias, first)) = st.alias(&msg.topic) {
-                    own.extend_from_slice(&[0x23]);
-                    own.extend_from_slice(&alias.to_be_bytes());
-                    if !first {
-                        topic = "";
-                    }
-                }
-                let forward = msg.props.as_ref().map_or(&[][..], |p| &p.forward[..]);
-                protocol::encode_publish_head_v5(
-                    topic,
-                    qos,
-                    pkid,
-                    dup,
-                    retain,
-                    &[&own, forward],
-                    msg.payload.len(),
-                    &mut head,
-                );
-                st.own = own;
-                if !msg.payload.is_empty() {
-                    push_head(&mut head, iov);
-                    iov.push(msg.payload);
-                }
-                stamps.push(msg.received);
-            }
-            OutFrame::Publish { msg, qos, pkid, dup, retain, .. } => {
-                protocol::encode_publish_head(
-                    msg.topic.as_str(),
-                    qos,
-                    pkid,
-                    dup,
-                    retain,
-                    msg.payload.len(),
-                    &mut head,
-                );
-                if !msg.payload.is_empty() {
-                    push_head(&mut head, iov);
-                    iov.push(msg.payload);
-                }
-                stamps.push(msg.received);
-            }
-            OutFrame::Control(p) => protocol::encode(&p, st.version, &mut head),
-        }
-    }
-    push_head(&mut head, iov);
-}
-
-fn push_head(head: &mut BytesMut, iov: &mut Vec<Bytes>) {
-    if !head.is_empty() {
-        iov.push(head.split().freeze());
-    }
 }
 
 /// The core shuts a socket down on a kick through this (it names no I/O type itself).

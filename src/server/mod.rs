@@ -1,7 +1,10 @@
 //! The runtime glue of one core: binds its listeners, accepts connections, runs the cross-core loop,
 //! the keep-alive sweeper and the per-tick wake-up task. Sockets are reached only through `crate::io`.
 
+pub mod admit;
 mod conn;
+pub mod inbox;
+pub mod outbox;
 pub mod persist;
 
 use std::cell::{Cell, RefCell};

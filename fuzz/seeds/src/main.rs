@@ -150,6 +150,60 @@ fn unsubscribe(pkid: u16, filters: &[&str]) -> Vec<u8> {
     packet(0xa2, &body)
 }
 
+// ---------------------------------------------------------------------------------------------
+// The MQTT 5.0 packets of the v5 sessions: the same layouts with a property block (a length byte, then
+// the properties; every block here is shorter than 128 bytes).
+
+/// Property identifiers (MQTT 5.0 table 2-4), spelled out here rather than taken from coremq.
+const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
+const SUBSCRIPTION_IDENTIFIER: u8 = 0x0b;
+const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+
+fn props(out: &mut Vec<u8>, block: &[u8]) {
+    out.push(u8::try_from(block.len()).expect("short property block"));
+    out.extend_from_slice(block);
+}
+
+/// A v5 CONNECT with Clean Start, announcing `alias_max` topic aliases towards the client.
+fn connect5(client_id: &str, keep_alive: u16, alias_max: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(&mut body, b"MQTT");
+    body.extend_from_slice(&[5, 0x02]);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    let [hi, lo] = alias_max.to_be_bytes();
+    props(&mut body, &[TOPIC_ALIAS_MAXIMUM, hi, lo]);
+    field(&mut body, client_id.as_bytes());
+    packet(0x10, &body)
+}
+
+/// A v5 PUBLISH whose message expires after `expiry` seconds, if given.
+fn publish5(topic: &str, payload: &[u8], qos: u8, pkid: u16, expiry: Option<u32>) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(&mut body, topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    let mut block = Vec::new();
+    if let Some(seconds) = expiry {
+        block.push(MESSAGE_EXPIRY_INTERVAL);
+        block.extend_from_slice(&seconds.to_be_bytes());
+    }
+    props(&mut body, &block);
+    body.extend_from_slice(payload);
+    packet(0x30 | qos << 1, &body)
+}
+
+/// A v5 SUBSCRIBE with subscription identifier `id` (below 128: one byte).
+fn subscribe5(pkid: u16, id: u8, filters: &[(&str, u8)]) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    props(&mut body, &[SUBSCRIPTION_IDENTIFIER, id]);
+    for (filter, qos) in filters {
+        field(&mut body, filter.as_bytes());
+        body.push(*qos);
+    }
+    packet(0x82, &body)
+}
+
 const PINGREQ: [u8; 2] = [0xc0, 0];
 const PINGRESP: [u8; 2] = [0xd0, 0];
 const DISCONNECT: [u8; 2] = [0xe0, 0];
@@ -406,6 +460,27 @@ fn connection_seeds() -> Vec<(String, Vec<u8>)> {
             .send(1, &publish("bad/+", b"", 0, 0, false, false))
             .done();
         seeds.push((format!("violations-{tag}"), violations));
+
+        // v5: deliveries with subscription identifiers, a remaining message expiry and topic aliases
+        // (two for three topics, so that they run out), to a v5 and a 3.1.1 subscriber.
+        let v5 = Script::new(setup)
+            .send(0, &connect5("sub5", 30, 2))
+            .send(0, &subscribe5(1, 5, &[("a/#", 1)]))
+            .send(0, &subscribe5(2, 6, &[("a/+", 0)]))
+            .send(2, &connect(Version::V311, "sub311", &clean(0)))
+            .send(2, &subscribe(1, &[("a/#", 1)]))
+            .send(1, &connect5("pub5", 0, 0))
+            .send(1, &publish5("a/1", b"one", 1, 1, Some(60)))
+            .send(1, &publish5("a/2", b"two", 1, 2, None))
+            .send(1, &publish5("a/1", b"again", 0, 0, Some(60)))
+            .send(1, &publish5("a/3", b"three", 1, 3, Some(60)))
+            .wait(2)
+            .send(0, &puback(1))
+            .send(2, &puback(1))
+            .send(1, &publish5("a/1", b"later", 1, 4, Some(600)))
+            .send(0, &DISCONNECT)
+            .done();
+        seeds.push((format!("v5-{tag}"), v5));
     }
     seeds
 }
