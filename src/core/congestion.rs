@@ -112,28 +112,28 @@ impl Core {
     /// The client acknowledged a delivery: its queue may have drained, and it is not stuck.
     pub(super) fn progressed(&mut self, skey: SessionKey, now: Instant) {
         self.update_congestion(skey);
-        if let Some(se) = self.sessions.get_mut(skey) {
-            se.stalled_since = se.congested.as_ref().map(|_| now);
+        if let Some(sess) = self.sessions.get_mut(skey) {
+            sess.stalled_since = sess.congested.as_ref().map(|_| now);
         }
     }
 
     /// Announces or withdraws the session's congestion after its queue or connection changed.
     pub(super) fn update_congestion(&mut self, skey: SessionKey) {
-        let Some(se) = self.sessions.get(skey) else { return };
-        let full = se.conn.is_some()
+        let Some(sess) = self.sessions.get(skey) else { return };
+        let full = sess.conn.is_some()
             && self.settings.slow_subscriber == SlowSubscriber::Pause
-            && se.session.congested();
-        match &se.congested {
+            && sess.session.congested();
+        match &sess.congested {
             None if full => self.announce_congestion(skey),
-            Some(_) if se.conn.is_none() || se.session.relieved() => self.withdraw_congestion(skey),
+            Some(_) if sess.conn.is_none() || sess.session.relieved() => self.withdraw_congestion(skey),
             _ => {}
         }
     }
 
     pub(super) fn announce_congestion(&mut self, skey: SessionKey) {
-        let Some(se) = self.sessions.get_mut(skey) else { return };
+        let Some(sess) = self.sessions.get_mut(skey) else { return };
         // Only QoS 1/2 subscriptions queue what QoS 1/2 publishers send.
-        let filters: Box<[Box<str>]> = se
+        let filters: Box<[Box<str>]> = sess
             .session
             .subscriptions
             .iter()
@@ -142,16 +142,17 @@ impl Core {
             .filter(|(f, o)| o.qos != QoS::AtMostOnce && !is_shared(f))
             .map(|(f, _)| f.clone())
             .collect();
-        se.congested = Some(filters.clone());
+        sess.congested = Some(filters.clone());
         if !self.stalled.contains(&skey) {
             self.stalled.push(skey);
         }
-        let ck = congestion_key(self.id, skey);
+        let ckey = congestion_key(self.id, skey);
         for f in filters.iter() {
-            self.congested.insert(f, ck, ());
+            self.congested.insert(f, ckey, ());
             for dst in 0..self.cores() {
                 if dst != self.id {
-                    self.mesh.stage(dst, Control::Congestion { key: ck, filter: f.clone(), on: true }.into());
+                    self.mesh
+                        .stage(dst, Control::Congestion { key: ckey, filter: f.clone(), on: true }.into());
                 }
             }
         }
@@ -159,16 +160,16 @@ impl Core {
     }
 
     pub(super) fn withdraw_congestion(&mut self, skey: SessionKey) {
-        let Some(se) = self.sessions.get_mut(skey) else { return };
-        se.stalled_since = None;
-        let Some(filters) = se.congested.take() else { return };
-        let ck = congestion_key(self.id, skey);
+        let Some(sess) = self.sessions.get_mut(skey) else { return };
+        sess.stalled_since = None;
+        let Some(filters) = sess.congested.take() else { return };
+        let ckey = congestion_key(self.id, skey);
         for f in filters.into_vec() {
-            self.congested.remove(&f, ck);
+            self.congested.remove(&f, ckey);
             for dst in 0..self.cores() {
                 if dst != self.id {
                     self.mesh
-                        .stage(dst, Control::Congestion { key: ck, filter: f.clone(), on: false }.into());
+                        .stage(dst, Control::Congestion { key: ckey, filter: f.clone(), on: false }.into());
                 }
             }
         }
@@ -180,8 +181,9 @@ impl Core {
     /// waits for the core's own wake-up, which [`Core::end_batch`] sends once it has drained.
     pub fn inbound_paused(&mut self) -> bool {
         let sessions = &self.sessions;
-        self.overfull
-            .retain(|&mut k| sessions.get(k).is_some_and(|se| se.conn.is_some() && se.session.overfull()));
+        self.overfull.retain(|&mut k| {
+            sessions.get(k).is_some_and(|sess| sess.conn.is_some() && sess.session.overfull())
+        });
         !self.overfull.is_empty()
     }
 }

@@ -71,8 +71,8 @@ impl Core {
         self.settings.acl = files.acl;
         self.verified.clear();
         let acl = self.settings.acl.is_some();
-        for (_, se) in self.sessions.iter_mut() {
-            se.check_reads = acl;
+        for (_, sess) in self.sessions.iter_mut() {
+            sess.check_reads = acl;
         }
     }
 
@@ -147,25 +147,25 @@ impl Core {
         let ctl = entry.ctl.clone();
         // Keep-alive replaces the connect timeout.
         self.arm_silence(key);
-        let Some(se) = self.sessions.get_mut(skey) else {
+        let Some(sess) = self.sessions.get_mut(skey) else {
             broken!("the session of a CONNECT vanished while it was attached");
             return;
         };
-        se.conn = Some(key);
-        se.offline_since = None;
-        se.expiry = expiry;
-        se.session.clean = expiry == 0;
+        sess.conn = Some(key);
+        sess.offline_since = None;
+        sess.expiry = expiry;
+        sess.session.clean = expiry == 0;
         // A will waiting for its delay is not sent once the session has a connection again (MQTT-3.1.3-9).
-        se.pending_will = None;
+        sess.pending_will = None;
         // The client's Receive Maximum caps the configured window (MQTT-3.3.4-9).
         let window = properties.receive_maximum.unwrap_or(u16::MAX).min(self.settings.limits.max_inflight);
-        se.session.set_max_inflight(window);
+        sess.session.set_max_inflight(window);
         if let Some(acl) = &self.settings.acl {
             // Sticky: a resumed session may hold subscriptions granted under an ACL since reloaded.
-            se.check_reads = se.check_reads
-                || acl.has_deny_for(username.as_ref().map(|u| u.as_str()), se.session.client_id.as_str());
+            sess.check_reads = sess.check_reads
+                || acl.has_deny_for(username.as_ref().map(|u| u.as_str()), sess.session.client_id.as_str());
         }
-        se.username = username;
+        sess.username = username;
         let connack_props = v5.then(|| {
             let s = &self.settings;
             Box::new(Properties {
@@ -192,8 +192,8 @@ impl Core {
                 code: reason::SUCCESS,
                 properties: connack_props,
             })));
-            se.session.expire(now);
-            se.session.resume(&mut out);
+            sess.session.expire(now);
+            sess.session.resume(&mut out);
         }
         self.mark_dirty(&ctl);
         self.persist_session(skey);
@@ -214,9 +214,9 @@ impl Core {
                 );
             }
             let cap = self.settings.max_session_expiry;
-            if let Some(se) = self.sessions.get_mut(skey) {
-                se.expiry = x.min(cap);
-                se.session.clean = se.expiry == 0;
+            if let Some(sess) = self.sessions.get_mut(skey) {
+                sess.expiry = x.min(cap);
+                sess.session.clean = sess.expiry == 0;
             }
             self.persist_session(skey);
         }

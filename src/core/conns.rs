@@ -141,32 +141,32 @@ impl Core {
                 // Taken over: a new connection to the session came within the delay (MQTT-3.1.3-9).
                 will = None;
             }
-            if let (true, Some(se)) = (attached, self.sessions.get_mut(skey)) {
-                se.conn = None;
-                se.offline_since = Some(now);
+            if let (true, Some(sess)) = (attached, self.sessions.get_mut(skey)) {
+                sess.conn = None;
+                sess.offline_since = Some(now);
                 // A will with a delay waits, unless the session ends sooner (then it goes with it).
-                if delay > 0 && se.expiry > 0 {
+                if delay > 0 && sess.expiry > 0 {
                     if let (Some(w), Some(due)) =
-                        (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(se.expiry)))))
+                        (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(sess.expiry)))))
                     {
-                        se.pending_will = Some(Box::new((*w, due)));
+                        sess.pending_will = Some(Box::new((*w, due)));
                         self.timers.add(due, Due::Will { skey });
                     }
                 }
-                if se.expiry == 0 {
+                if sess.expiry == 0 {
                     if let Some(w) = will.take() {
                         // Published before the session (and the username the ACL checks) is gone.
                         self.publish_will(skey, *w);
                     }
                     self.end_session(skey);
                 } else {
-                    if let Some(sid) = se.sid {
+                    if let Some(sid) = sess.sid {
                         let unix_ms = self.clock().unix_ms;
                         self.log(Record::Offline { sid, unix_ms });
                     }
-                    let Some(se) = self.sessions.get_mut(skey) else { return };
-                    if se.expiry != u32::MAX {
-                        if let Some(at) = now.checked_add(Duration::from_secs(u64::from(se.expiry))) {
+                    let Some(sess) = self.sessions.get_mut(skey) else { return };
+                    if sess.expiry != u32::MAX {
+                        if let Some(at) = now.checked_add(Duration::from_secs(u64::from(sess.expiry))) {
                             self.timers.add(at, Due::Expiry { skey });
                         }
                     }

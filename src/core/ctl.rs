@@ -171,12 +171,12 @@ impl ConnCtl {
     /// Called by the sweep for a connection whose outbox was used since the last one: an empty outbox
     /// gives its capacity back. Returns whether the sweep must look at it again (it is still in use).
     pub(super) fn shrink_idle_outbox(&self) -> bool {
-        let Ok(mut ob) = self.outbox.try_borrow_mut() else { return true };
-        if !ob.is_empty() && !self.writer_finished.get() {
+        let Ok(mut outbox) = self.outbox.try_borrow_mut() else { return true };
+        if !outbox.is_empty() && !self.writer_finished.get() {
             return true;
         }
-        if ob.capacity() > 0 {
-            ob.shrink_to_fit();
+        if outbox.capacity() > 0 {
+            outbox.shrink_to_fit();
         }
         self.active.set(false);
         false
@@ -186,12 +186,12 @@ impl ConnCtl {
     /// sweep and the connection is not closing, the writer may end its task (true) instead of waiting;
     /// the next wake-up asks for a new one. Called by the writer just before it would wait.
     pub fn retire_writer(&self) -> bool {
-        let mut ob = self.outbox.borrow_mut();
-        if self.parked.get() == 0 || self.wrote_since_sweep() || self.closing.get() || !ob.is_empty() {
+        let mut outbox = self.outbox.borrow_mut();
+        if self.parked.get() == 0 || self.wrote_since_sweep() || self.closing.get() || !outbox.is_empty() {
             return false;
         }
         // A connection without a writer keeps no outbox allocation either.
-        ob.shrink_to_fit();
+        outbox.shrink_to_fit();
         self.writer_gone.set(true);
         self.writers.retired.set(self.writers.retired.get() + 1);
         // Whatever woke it was handled: the next wake-up must ask for a writer.

@@ -73,11 +73,10 @@ impl SharedFrames {
 /// The size of the v5 PUBLISH the writer sends for this delivery, without a topic alias (an alias only
 /// makes it smaller): checked against the client's Maximum Packet Size.
 pub(super) fn outbound_size(msg: &Message, qos: QoS, sub_ids: &SubIds) -> usize {
-    let mut props =
-        msg.props.as_ref().map_or(0, |p| p.forward.len() + if p.expires.is_some() { 5 } else { 0 });
-    for &id in sub_ids {
-        props += 1 + properties::vbi_len(id as usize);
-    }
+    let forward = msg.props.as_ref().map_or(0, |p| p.forward.len());
+    let expires = msg.props.as_ref().is_some_and(|p| p.expires.is_some());
+    // What the writer adds (`server::outbox`), without an alias: an alias only makes it smaller.
+    let props = forward + properties::delivery_props_len(sub_ids, expires, false);
     protocol::publish_head_len_v5(msg.topic.len(), qos, props, msg.payload.len()) + msg.payload.len()
 }
 
@@ -152,14 +151,14 @@ impl Core {
     /// One delivery of `msg` to session `skey`, as granted.
     pub(super) fn deliver_to(&mut self, skey: SessionKey, msg: &Message, grant: Grant, fanout: &mut Fanout) {
         let Grant { qos, retain, ids: sub_ids } = grant;
-        let Some(se) = self.sessions.get_mut(skey) else {
+        let Some(sess) = self.sessions.get_mut(skey) else {
             broken!("the index names a session that does not exist");
             return;
         };
-        if se.check_reads {
+        if sess.check_reads {
             if let Some(acl) = &self.settings.acl {
-                let user = se.username.as_ref().map(|u| u.as_str());
-                if !acl.can_read(user, se.session.client_id.as_str(), msg.topic.as_str()) {
+                let user = sess.username.as_ref().map(|u| u.as_str());
+                if !acl.can_read(user, sess.session.client_id.as_str(), msg.topic.as_str()) {
                     return;
                 }
             }
@@ -168,7 +167,7 @@ impl Core {
             // MQTT-3.3.2-5: an expired message is not delivered.
             return;
         }
-        let conn = se.conn.and_then(|k| self.conns.get(k));
+        let conn = sess.conn.and_then(|k| self.conns.get(k));
         let ctl = conn.map(|c| c.ctl.clone());
         let v5 = conn.and_then(|c| c.v5.as_deref());
         if let Some(v5) = v5 {
@@ -194,7 +193,7 @@ impl Core {
                     || v5.is_some_and(|v| v.aliases_out)
                     || (v5.is_some() && msg.props.as_ref().is_some_and(|p| p.expires.is_some()));
                 if own {
-                    se.session.deliver_with(msg.clone(), qos, retain, sub_ids, Some(&mut out));
+                    sess.session.deliver_with(msg.clone(), qos, retain, sub_ids, Some(&mut out));
                 } else {
                     let frame = fanout.frames.get(v5.is_some(), msg, &mut self.frame_buf);
                     out.push_back(OutFrame::Shared { frame, received: msg.received });
@@ -202,23 +201,23 @@ impl Core {
             }
             (None, QoS::AtMostOnce) if !self.settings.queue_qos0_messages => return,
             _ => {
-                let m = if se.session.would_queue(qos, ctl.is_some()) {
+                let m = if sess.session.would_queue(qos, ctl.is_some()) {
                     fanout.compact.get_or_insert_with(|| msg.compacted()).clone()
                 } else {
                     msg.clone()
                 };
                 let mut guard = ctl.as_ref().map(|c| c.outbox.borrow_mut());
                 let delivered = match guard.as_deref_mut() {
-                    Some(out) if self.subscribing => se.session.deliver_backlog(m, qos, sub_ids, out),
-                    out => se.session.deliver_with(m, qos, retain, sub_ids, out),
+                    Some(out) if self.subscribing => sess.session.deliver_backlog(m, qos, sub_ids, out),
+                    out => sess.session.deliver_with(m, qos, retain, sub_ids, out),
                 };
                 if delivered == Delivered::Dropped {
                     self.stats.dropped += 1;
                 }
-                if guard.is_some() && se.session.overfull() && !self.overfull.contains(&skey) {
+                if guard.is_some() && sess.session.overfull() && !self.overfull.contains(&skey) {
                     self.overfull.push(skey);
                 }
-                let newly_full = se.congested.is_none() && guard.is_some() && se.session.congested();
+                let newly_full = sess.congested.is_none() && guard.is_some() && sess.session.congested();
                 drop(guard);
                 self.log_journal(skey);
                 if newly_full {

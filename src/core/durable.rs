@@ -282,10 +282,10 @@ impl super::Core {
             return;
         }
         let clock = self.clock();
-        let (Some(p), Some(se)) = (&mut self.persist, self.sessions.get_mut(skey)) else { return };
-        let Some(sid) = se.sid else { return };
+        let (Some(p), Some(sess)) = (&mut self.persist, self.sessions.get_mut(skey)) else { return };
+        let Some(sid) = sess.sid else { return };
         let mut changes = std::mem::take(&mut p.changes);
-        se.session.drain_journal(&mut changes);
+        sess.session.drain_journal(&mut changes);
         if !changes.is_empty() {
             for change in changes.drain(..) {
                 p.append(&Record::Change { sid, change }, &clock);
@@ -299,20 +299,20 @@ impl super::Core {
     pub(super) fn persist_session(&mut self, skey: SessionKey) {
         let clock = self.clock();
         let Some(p) = &mut self.persist else { return };
-        let Some(se) = self.sessions.get_mut(skey) else { return };
-        match (se.expiry > 0, se.sid) {
+        let Some(sess) = self.sessions.get_mut(skey) else { return };
+        match (sess.expiry > 0, sess.sid) {
             (true, None) => {
                 let sid = p.new_sid();
-                se.sid = Some(sid);
-                se.session.enable_journal();
+                sess.sid = Some(sid);
+                sess.session.enable_journal();
                 // Whatever the session already holds, then its subscriptions (normally nothing yet).
                 let mut records = Vec::new();
                 crate::persist::snapshot_session(
                     sid,
-                    &se.session.client_id,
-                    se.expiry,
-                    se.offline_since,
-                    &se.session,
+                    &sess.session.client_id,
+                    sess.expiry,
+                    sess.offline_since,
+                    &sess.session,
                     &clock,
                     &mut records,
                 );
@@ -320,17 +320,17 @@ impl super::Core {
                     p.append(r, &clock);
                 }
                 // The snapshot covers what the journal would have said since.
-                se.session.drain_journal(&mut p.changes);
+                sess.session.drain_journal(&mut p.changes);
                 p.changes.clear();
             }
             (true, Some(sid)) => {
                 p.append(
-                    &Record::Session { sid, client_id: se.session.client_id.clone(), expiry: se.expiry },
+                    &Record::Session { sid, client_id: sess.session.client_id.clone(), expiry: sess.expiry },
                     &clock,
                 );
             }
             (false, Some(sid)) => {
-                se.sid = None;
+                sess.sid = None;
                 p.append(&Record::SessionEnd { sid }, &clock);
             }
             (false, None) => {}
@@ -398,21 +398,21 @@ impl super::Core {
         let clock = self.clock();
         let mut records = Vec::new();
         let mut sid = 0u32;
-        for (_, se) in self.sessions.iter_mut() {
-            if se.sid.is_none() {
+        for (_, sess) in self.sessions.iter_mut() {
+            if sess.sid.is_none() {
                 continue;
             }
             sid += 1;
-            se.sid = Some(sid);
+            sess.sid = Some(sid);
             // The journal's pending changes are part of the state captured here.
             let mut scratch = Vec::new();
-            se.session.drain_journal(&mut scratch);
+            sess.session.drain_journal(&mut scratch);
             crate::persist::snapshot_session(
                 sid,
-                &se.session.client_id,
-                se.expiry,
-                if se.conn.is_some() { None } else { se.offline_since },
-                &se.session,
+                &sess.session.client_id,
+                sess.expiry,
+                if sess.conn.is_some() { None } else { sess.offline_since },
+                &sess.session,
                 &clock,
                 &mut records,
             );

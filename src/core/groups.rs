@@ -17,9 +17,9 @@ impl Core {
     /// Tells every core (this one included) how many members of each shared group of session `skey` this
     /// core has, after the session joined, left, came online or went offline.
     pub(super) fn announce_session_groups(&mut self, skey: SessionKey) {
-        let Some(se) = self.sessions.get(skey) else { return };
+        let Some(sess) = self.sessions.get(skey) else { return };
         let names: SmallVec<[Box<str>; 2]> =
-            se.session.subscriptions.keys().filter(|f| is_shared(f)).cloned().collect();
+            sess.session.subscriptions.keys().filter(|f| is_shared(f)).cloned().collect();
         for name in names {
             self.announce_group(&name);
         }
@@ -29,10 +29,10 @@ impl Core {
         let (group, filter, m) = match self.shared_local.get(name) {
             Some(g) => {
                 let mut m = Members { ready: 0, online: 0, total: g.members.len() as u32 };
-                for se in g.members.iter().filter_map(|(k, _)| self.sessions.get(*k)) {
-                    if se.conn.is_some() {
+                for sess in g.members.iter().filter_map(|(k, _)| self.sessions.get(*k)) {
+                    if sess.conn.is_some() {
                         m.online += 1;
-                        m.ready += u32::from(se.congested.is_none());
+                        m.ready += u32::from(sess.congested.is_none());
                     }
                 }
                 (g.name.clone(), g.filter.clone(), m)
@@ -69,8 +69,8 @@ impl Core {
     pub(super) fn deliver_shared(&mut self, name: &Arc<str>, msg: &Message, hops: u8) {
         let sessions = &self.sessions;
         let rank = |skey: SessionKey| match sessions.get(skey) {
-            Some(se) if se.conn.is_some() && se.congested.is_none() => RANK_BEST,
-            Some(se) if se.conn.is_some() => 1,
+            Some(sess) if sess.conn.is_some() && sess.congested.is_none() => RANK_BEST,
+            Some(sess) if sess.conn.is_some() => 1,
             _ => 0,
         };
         let may_pass = usize::from(hops) < self.cores();

@@ -310,11 +310,11 @@ impl Core {
         skey: SessionKey,
         f: impl FnOnce(&mut Session, &mut Outbox),
     ) -> Flow {
-        let (Some(c), Some(se)) = (self.conns.get(key), self.sessions.get_mut(skey)) else {
+        let (Some(c), Some(sess)) = (self.conns.get(key), self.sessions.get_mut(skey)) else {
             return Flow::Continue;
         };
         let ctl = c.ctl.clone();
-        f(&mut se.session, &mut ctl.outbox.borrow_mut());
+        f(&mut sess.session, &mut ctl.outbox.borrow_mut());
         self.mark_dirty(&ctl);
         self.log_journal(skey);
         Flow::Continue

@@ -93,8 +93,8 @@ impl Core {
             // The broker's Receive Maximum (MQTT-3.3.4-7): QoS 1/2 PUBLISHes not yet acknowledged are those
             // held back and the QoS 2 flows awaiting PUBREL. A resent QoS 2 id is not a new one.
             let held = self.conns.get(key).and_then(|c| c.held.as_ref()).map_or(0, |h| h.packets.len());
-            let (qos2, resend) = self.sessions.get(skey).map_or((0, false), |se| {
-                (se.session.inbound_qos2_len(), se.session.has_inbound_qos2(p.pkid))
+            let (qos2, resend) = self.sessions.get(skey).map_or((0, false), |sess| {
+                (sess.session.inbound_qos2_len(), sess.session.has_inbound_qos2(p.pkid))
             });
             if !resend && held + qos2 >= usize::from(self.settings.receive_maximum) {
                 return Flow::Close(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded");
@@ -149,8 +149,8 @@ impl Core {
             QoS::ExactlyOnce => {
                 let mut first = false;
                 let mut answer = Outbox::new();
-                if let Some(se) = self.sessions.get_mut(skey) {
-                    first = se.session.on_inbound_qos2_reason(p.pkid, code, &mut answer);
+                if let Some(sess) = self.sessions.get_mut(skey) {
+                    first = sess.session.on_inbound_qos2_reason(p.pkid, code, &mut answer);
                 }
                 self.log_journal(skey);
                 if let Some(OutFrame::Control(pk)) = answer.pop_front() {
@@ -206,9 +206,9 @@ impl Core {
     pub(super) fn may_publish(&self, skey: SessionKey, topic: &str) -> bool {
         match (&self.settings.acl, self.sessions.get(skey)) {
             (None, _) => true,
-            (Some(acl), Some(se)) => acl.can_publish(
-                se.username.as_ref().map(|u| u.as_str()),
-                se.session.client_id.as_str(),
+            (Some(acl), Some(sess)) => acl.can_publish(
+                sess.username.as_ref().map(|u| u.as_str()),
+                sess.session.client_id.as_str(),
                 topic,
             ),
             (Some(_), None) => false,

@@ -48,22 +48,22 @@ impl Core {
         }
         self.fire_will(skey);
         self.withdraw_congestion(skey);
-        if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
+        if let Some(sid) = self.sessions.get(skey).and_then(|sess| sess.sid) {
             self.log(Record::SessionEnd { sid });
         }
-        let Some(mut se) = self.sessions.remove(skey) else {
+        let Some(mut sess) = self.sessions.remove(skey) else {
             broken!("a session checked a moment ago is gone");
             return;
         };
         let mut groups: SmallVec<[Arc<str>; 2]> = SmallVec::new();
-        for filter in se.session.subscriptions.keys() {
+        for filter in sess.session.subscriptions.keys() {
             groups.extend(self.leave_routing(skey, filter));
         }
-        if self.by_client.get(&se.session.client_id) == Some(&skey) {
-            self.by_client.remove(&se.session.client_id);
+        if self.by_client.get(&sess.session.client_id) == Some(&skey) {
+            self.by_client.remove(&sess.session.client_id);
         }
         if !groups.is_empty() {
-            self.redispatch(&mut se.session, &groups);
+            self.redispatch(&mut sess.session, &groups);
         }
     }
 
@@ -100,7 +100,7 @@ impl Core {
 
     /// Publishes the session's delayed will, if it has one.
     pub(super) fn fire_will(&mut self, skey: SessionKey) {
-        let Some(pending) = self.sessions.get_mut(skey).and_then(|se| se.pending_will.take()) else {
+        let Some(pending) = self.sessions.get_mut(skey).and_then(|sess| sess.pending_will.take()) else {
             return;
         };
         self.publish_will(skey, pending.0);

@@ -33,9 +33,9 @@ impl Core {
                 return Flow::Close(reason::PROTOCOL_ERROR, "No Local on a shared subscription");
             }
             let denied = match (&self.settings.acl, self.sessions.get(skey)) {
-                (Some(acl), Some(se)) => {
-                    let user = se.username.as_ref().map(|u| u.as_str());
-                    !acl.can_subscribe(user, se.session.client_id.as_str(), filter)
+                (Some(acl), Some(sess)) => {
+                    let user = sess.username.as_ref().map(|u| u.as_str());
+                    !acl.can_subscribe(user, sess.session.client_id.as_str(), filter)
                 }
                 _ => false,
             };
@@ -45,9 +45,9 @@ impl Core {
                 continue;
             }
             let existed =
-                self.sessions.get(skey).is_some_and(|se| se.session.subscriptions.contains_key(filter));
-            let at_limit = self.sessions.get(skey).is_some_and(|se| {
-                se.session.subscriptions.len() >= self.settings.max_subscriptions_per_client && !existed
+                self.sessions.get(skey).is_some_and(|sess| sess.session.subscriptions.contains_key(filter));
+            let at_limit = self.sessions.get(skey).is_some_and(|sess| {
+                sess.session.subscriptions.len() >= self.settings.max_subscriptions_per_client && !existed
             });
             if at_limit {
                 codes.push(reason::QUOTA_EXCEEDED);
@@ -55,7 +55,7 @@ impl Core {
             }
             let opts =
                 SubOpts { qos: f.qos, no_local: f.no_local, retain_as_published: f.retain_as_published, id };
-            if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
+            if let Some(sid) = self.sessions.get(skey).and_then(|sess| sess.sid) {
                 self.log(Record::Subscribe { sid, filter: f.filter.clone(), opts });
             }
             self.add_subscription(skey, parsed, opts);
@@ -68,7 +68,7 @@ impl Core {
             }
         }
         // A congested session's new filters must pause their publishers too: announce afresh.
-        if self.sessions.get(skey).is_some_and(|se| se.congested.is_some()) {
+        if self.sessions.get(skey).is_some_and(|sess| sess.congested.is_some()) {
             self.withdraw_congestion(skey);
             self.update_congestion(skey);
         }
@@ -103,12 +103,14 @@ impl Core {
 
     /// Removes one subscription; returns whether it existed.
     pub(super) fn unsubscribe_one(&mut self, skey: SessionKey, filter: &str) -> bool {
-        let existed =
-            self.sessions.get_mut(skey).is_some_and(|se| se.session.subscriptions.remove(filter).is_some());
+        let existed = self
+            .sessions
+            .get_mut(skey)
+            .is_some_and(|sess| sess.session.subscriptions.remove(filter).is_some());
         if !existed {
             return false;
         }
-        if let Some(sid) = self.sessions.get(skey).and_then(|se| se.sid) {
+        if let Some(sid) = self.sessions.get(skey).and_then(|sess| sess.sid) {
             self.log(Record::Unsubscribe { sid, filter: Utf8Bytes::copy_from_str(filter) });
         }
         self.leave_routing(skey, filter);
@@ -119,19 +121,19 @@ impl Core {
     /// A plain filter goes into the index (other cores learn of a filter new to this core); a shared one
     /// joins its group, whose new member count every core is told.
     pub(super) fn add_subscription(&mut self, skey: SessionKey, filter: Filter<'_>, opts: SubOpts) {
-        let Some(se) = self.sessions.get_mut(skey) else {
+        let Some(sess) = self.sessions.get_mut(skey) else {
             debug_assert!(false, "subscription for a session that does not exist");
             return;
         };
         match filter {
             Filter::Plain(f) => {
-                se.session.subscriptions.insert(f.into(), opts);
+                sess.session.subscriptions.insert(f.into(), opts);
                 if self.index.insert(f, skey, opts).first_for_filter {
                     self.broadcast_interest(f, true);
                 }
             }
             Filter::Shared { name, filter } => {
-                se.session.subscriptions.insert(name.into(), opts);
+                sess.session.subscriptions.insert(name.into(), opts);
                 self.shared_local.join(name, filter, skey, opts);
                 self.announce_group(name);
             }

@@ -85,7 +85,8 @@ impl Core {
                 }
                 Due::Expiry { skey } => self.expire_session(skey, at),
                 Due::Will { skey } => {
-                    let due = self.sessions.get(skey).and_then(|se| se.pending_will.as_ref()).map(|p| p.1);
+                    let due =
+                        self.sessions.get(skey).and_then(|sess| sess.pending_will.as_ref()).map(|p| p.1);
                     if due == Some(at) {
                         self.fire_will(skey);
                     }
@@ -151,9 +152,9 @@ impl Core {
     /// Ends the offline session `skey` if `at` is still its expiry (the client may have come back, or
     /// the session's expiry changed, since the entry was made).
     fn expire_session(&mut self, skey: SessionKey, at: Instant) {
-        let due = self.sessions.get(skey).is_some_and(|se| {
-            se.conn.is_none()
-                && se.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(se.expiry))))
+        let due = self.sessions.get(skey).is_some_and(|sess| {
+            sess.conn.is_none()
+                && sess.offline_since.and_then(|t| t.checked_add(Duration::from_secs(u64::from(sess.expiry))))
                     == Some(at)
         });
         if due {
@@ -168,9 +169,11 @@ impl Core {
         let mut stuck: SmallVec<[ConnKey; 4]> = SmallVec::new();
         let sessions = &mut self.sessions;
         self.stalled.retain(|&skey| {
-            let Some(se) = sessions.get_mut(skey).filter(|se| se.congested.is_some()) else { return false };
-            let since = *se.stalled_since.get_or_insert(now);
-            if let (Some(conn), true) = (se.conn, now.saturating_duration_since(since) > limit) {
+            let Some(sess) = sessions.get_mut(skey).filter(|sess| sess.congested.is_some()) else {
+                return false;
+            };
+            let since = *sess.stalled_since.get_or_insert(now);
+            if let (Some(conn), true) = (sess.conn, now.saturating_duration_since(since) > limit) {
                 stuck.push(conn);
             }
             true
