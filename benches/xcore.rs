@@ -15,7 +15,7 @@ use bytes::Bytes;
 use coremq::config::DEFAULT_RING_CAPACITY as RING_CAPACITY;
 use coremq::protocol::{QoS, Utf8Bytes};
 use coremq::session::Message;
-use coremq::xcore::{build_mesh, Control, Data, Mesh, XMsg};
+use coremq::xcore::{build_mesh, Control, CoreId, Data, Mesh, XMsg};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 
 // The broker runs on mimalloc (src/main.rs): interest messages allocate on one core and free on another.
@@ -63,9 +63,11 @@ impl Source {
                 received,
                 props: None,
             })),
-            Kind::Interest => {
-                XMsg::Control(Control::Interest { core: 0, filter: "site/17/dev/+/temp".into(), add: true })
-            }
+            Kind::Interest => XMsg::Control(Control::Interest {
+                core: CoreId::new(0),
+                filter: "site/17/dev/+/temp".into(),
+                add: true,
+            }),
         }
     }
 }
@@ -93,7 +95,7 @@ impl Backoff {
 fn tick(mesh: &mut Mesh, dst: usize, src: &Source, kind: Kind, n: usize) {
     let received = Instant::now();
     for _ in 0..n {
-        mesh.stage(dst, src.msg(kind, received));
+        mesh.stage(CoreId::new(dst), src.msg(kind, received));
     }
     // A full ring keeps the rest staged; the runtime would stop reading sockets and wait for `room`,
     // here the producer simply retries until the consumer made space.

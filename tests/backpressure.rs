@@ -16,7 +16,7 @@ const MESSAGES: u32 = 1500;
 fn id_on_core(prefix: &str, core: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|id| home_core(id, 2) == core)
+        .find(|id| home_core(id, 2).index() == core)
         .expect("some id hashes to each core")
 }
 

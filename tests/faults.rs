@@ -53,7 +53,7 @@ fn print_report(tag: &str, stdout: &str) {
 fn id_on_core(prefix: &str, core: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|id| coremq::core::home_core(id, 2) == core)
+        .find(|id| coremq::core::home_core(id, 2).index() == core)
         .expect("some id hashes to each core")
 }
 

@@ -77,7 +77,7 @@ const DRAIN_BOUND: Duration = Duration::from_secs(10);
 fn id_on_core(prefix: &str, core: usize, nth: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .filter(|id| home_core(id, THREADS) == core)
+        .filter(|id| home_core(id, THREADS).index() == core)
         .nth(nth)
         .expect("ids hash to every core")
 }

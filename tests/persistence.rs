@@ -238,7 +238,7 @@ fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
 fn id_on_core(prefix: &str, core: usize, cores: usize) -> String {
     (0..)
         .map(|i| format!("{prefix}-{i}"))
-        .find(|id| coremq::core::home_core(id, cores) == core)
+        .find(|id| coremq::core::home_core(id, cores).index() == core)
         .expect("some id hashes to each core")
 }
 

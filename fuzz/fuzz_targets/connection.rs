@@ -316,7 +316,7 @@ impl Harness {
                 Ok(hello) => hello,
                 Err(r) => return self.refuse(slot, Some(r)),
             };
-        let home = home_core(connect.client_id.as_str(), self.cores.len());
+        let home = home_core(connect.client_id.as_str(), self.cores.len()).index();
         let (key, ctl) = if home == core {
             (key, ctl)
         } else {

@@ -2,6 +2,7 @@
 
 use super::broken;
 use super::keys::{ConnKey, Key, SessionKey};
+use crate::xcore::CoreId;
 use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
@@ -35,8 +36,8 @@ impl Held {
 }
 
 /// Names a session in the congestion index of every core.
-pub(super) fn congestion_key(core: usize, skey: SessionKey) -> u64 {
-    ((core as u64) << 48) | skey.index() as u64
+pub(super) fn congestion_key(core: CoreId, skey: SessionKey) -> u64 {
+    ((core.index() as u64) << 48) | skey.index() as u64
 }
 
 impl Core {
@@ -149,7 +150,7 @@ impl Core {
         let ckey = congestion_key(self.id, skey);
         for f in filters.iter() {
             self.congested.insert(f, ckey, ());
-            for dst in 0..self.cores() {
+            for dst in CoreId::all(self.cores()) {
                 if dst != self.id {
                     self.mesh
                         .stage(dst, Control::Congestion { key: ckey, filter: f.clone(), on: true }.into());
@@ -166,7 +167,7 @@ impl Core {
         let ckey = congestion_key(self.id, skey);
         for f in filters.into_vec() {
             self.congested.remove(&f, ckey);
-            for dst in 0..self.cores() {
+            for dst in CoreId::all(self.cores()) {
                 if dst != self.id {
                     self.mesh
                         .stage(dst, Control::Congestion { key: ckey, filter: f.clone(), on: false }.into());

@@ -23,6 +23,7 @@ use super::ConnCtl;
 use crate::persist::{encode_record, Clock, Record, RecoveredSession};
 use crate::protocol::Packet;
 use crate::session::Change;
+use crate::xcore::CoreId;
 
 /// An acknowledgement held until what it acknowledges is durable.
 struct PendingAck {
@@ -125,8 +126,8 @@ impl Persister {
     }
 
     /// Counts a publish staged for core `dst`; returns its number.
-    pub fn sent_to(&mut self, dst: usize) -> u64 {
-        match self.sent.get_mut(dst) {
+    pub fn sent_to(&mut self, dst: CoreId) -> u64 {
+        match self.sent.get_mut(dst.index()) {
             Some(n) => {
                 *n += 1;
                 *n
@@ -175,14 +176,15 @@ impl Persister {
     }
 
     /// Core `core` confirmed the first `upto` publishes this core sent it.
-    pub fn confirmed_by(&mut self, core: usize, upto: u64) {
-        if let Some(c) = self.confirmed.get_mut(core) {
+    pub fn confirmed_by(&mut self, core: CoreId, upto: u64) {
+        if let Some(c) = self.confirmed.get_mut(core.index()) {
             *c = (*c).max(upto);
         }
     }
 
     /// `n` publishes from core `src` were processed; the log position after them is `appended`.
-    pub fn received_from(&mut self, src: usize, n: u64) {
+    pub fn received_from(&mut self, src: CoreId, n: u64) {
+        let src = src.index();
         let Some(r) = self.received.get_mut(src) else { return };
         *r += n;
         let count = *r;
@@ -191,7 +193,7 @@ impl Persister {
 
     /// The confirmations that can go out now: (core, upto) for every source whose publishes are durable
     /// here. Sent only with `fsync = "always"` (nobody waits for them otherwise).
-    pub fn confirmations(&mut self, out: &mut SmallVec<[(usize, u64); 4]>) {
+    pub fn confirmations(&mut self, out: &mut SmallVec<[(CoreId, u64); 4]>) {
         while let Some(&(src, count, pos)) = self.to_confirm.front() {
             if pos > self.durable {
                 break;
@@ -200,9 +202,10 @@ impl Persister {
             if let Some(t) = self.told.get_mut(src) {
                 if count > *t {
                     *t = count;
-                    match out.iter_mut().find(|(c, _)| *c == src) {
+                    let core = CoreId::new(src);
+                    match out.iter_mut().find(|(c, _)| *c == core) {
                         Some(e) => e.1 = count,
-                        None => out.push((src, count)),
+                        None => out.push((core, count)),
                     }
                 }
             }
@@ -373,7 +376,7 @@ impl super::Core {
         }
         let mut ready = Vec::new();
         p.release(&mut ready);
-        let mut confirm: SmallVec<[(usize, u64); 4]> = SmallVec::new();
+        let mut confirm: SmallVec<[(CoreId, u64); 4]> = SmallVec::new();
         p.confirmations(&mut confirm);
         for (ctl, packet) in ready {
             ctl.outbox.borrow_mut().push_back(crate::session::OutFrame::Control(packet));

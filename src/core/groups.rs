@@ -11,7 +11,7 @@ use super::Core;
 use crate::session::Message;
 use crate::topic::is_shared;
 use crate::topic::parse_shared;
-use crate::xcore::{Control, Data};
+use crate::xcore::{Control, CoreId, Data};
 
 impl Core {
     /// Tells every core (this one included) how many members of each shared group of session `skey` this
@@ -46,7 +46,7 @@ impl Core {
         if self.shared_views.update(cores, self.id, &group, &filter, m) {
             self.retry_held = true;
         }
-        for dst in 0..cores {
+        for dst in CoreId::all(cores) {
             if dst != self.id {
                 let msg = Control::Shared {
                     core: self.id,
@@ -96,7 +96,7 @@ impl Core {
     /// Sends `msg` to one member of the shared group `name`, on whichever core the views pick (never
     /// `except`). A message for a group nobody subscribes to any more is counted as dropped: it has no
     /// subscriber to lose it.
-    pub(super) fn send_to_group(&mut self, name: &Arc<str>, msg: Message, except: Option<usize>, hops: u8) {
+    pub(super) fn send_to_group(&mut self, name: &Arc<str>, msg: Message, except: Option<CoreId>, hops: u8) {
         match self.shared_views.pick_group(name, except) {
             Some(core) if core == self.id => self.deliver_shared(name, &msg, hops),
             Some(core) => self.stage_shared(core, name, msg, hops),
@@ -105,7 +105,7 @@ impl Core {
     }
 
     /// Sends `msg` to `core` for one member of the shared group `name` there.
-    pub(super) fn stage_shared(&mut self, core: usize, name: &Arc<str>, msg: Message, hops: u8) {
+    pub(super) fn stage_shared(&mut self, core: CoreId, name: &Arc<str>, msg: Message, hops: u8) {
         self.mesh.stage(core, Data::SharedPublish { msg, group: name.clone(), hops }.into());
         if let Some(p) = &mut self.persist {
             p.sent_to(core);

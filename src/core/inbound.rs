@@ -7,7 +7,7 @@ use smallvec::SmallVec;
 
 use super::shared::Members;
 use super::{Core, DRAIN_BATCH};
-use crate::xcore::{Control, Data, XMsg};
+use crate::xcore::{Control, CoreId, Data, XMsg};
 
 impl Core {
     /// Processes what other cores sent. Returns how many messages were taken.
@@ -18,7 +18,7 @@ impl Core {
         }
         let mut batch = std::mem::take(&mut self.inbound);
         let always = self.persist.as_ref().is_some_and(|p| p.always);
-        let mut runs: SmallVec<[(usize, usize); 4]> = SmallVec::new();
+        let mut runs: SmallVec<[(CoreId, usize); 4]> = SmallVec::new();
         let n = if always {
             let mut r = Vec::new();
             let n = self.mesh.drain_with_sources(DRAIN_BATCH, &mut batch, &mut r);
@@ -28,7 +28,7 @@ impl Core {
             self.mesh.drain(DRAIN_BATCH, &mut batch)
         };
         // fsync = "always": how many publishes came from each source, to confirm them once durable.
-        let mut publishes: SmallVec<[(usize, u64); 4]> = SmallVec::new();
+        let mut publishes: SmallVec<[(CoreId, u64); 4]> = SmallVec::new();
         if always {
             let mut at = 0;
             for &(src, count) in &runs {

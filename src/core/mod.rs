@@ -21,6 +21,7 @@ use crate::protocol::{reason, Packet, Utf8Bytes};
 use crate::session::{Message, OutFrame, Outbox, Session, SubOpts};
 use crate::stats::Stats;
 use crate::topic::{MatchCache, RetainedTree, SubscriptionIndex};
+pub use crate::xcore::CoreId;
 use crate::xcore::{Handoff, Mesh, XMsg};
 
 mod congestion;
@@ -89,7 +90,7 @@ pub enum Flow {
 pub const DRAIN_BATCH: usize = 1024;
 
 pub struct Core {
-    pub id: usize,
+    pub id: CoreId,
     settings: Settings,
     conns: Table<ConnKey, ConnEntry>,
     sessions: Table<SessionKey, SessionEntry>,
@@ -97,10 +98,10 @@ pub struct Core {
     /// Subscriptions of this core's sessions: filter -> (session key, options).
     index: SubscriptionIndex<SessionKey, SubOpts>,
     /// Filters other cores have subscribers for: filter -> core id.
-    interest: SubscriptionIndex<usize, ()>,
+    interest: SubscriptionIndex<CoreId, ()>,
     /// The last topic's matches in `index` and in `interest` (a publisher's messages come in runs).
     index_cache: MatchCache<SessionKey, SubOpts>,
-    interest_cache: MatchCache<usize, ()>,
+    interest_cache: MatchCache<CoreId, ()>,
     /// Filters of congested sessions on every core (this one included): filter -> [`congestion_key`].
     /// A QoS 1/2 PUBLISH matching one is held before it is acknowledged.
     congested: SubscriptionIndex<u64, ()>,
@@ -166,11 +167,11 @@ pub struct Core {
 const VERIFY_CACHE: usize = 100_000;
 
 /// The core that owns the session of `client_id`.
-pub fn home_core(client_id: &str, cores: usize) -> usize {
+pub fn home_core(client_id: &str, cores: usize) -> CoreId {
     // DefaultHasher::new() uses fixed keys: every thread computes the same home for an id.
     let mut h = std::collections::hash_map::DefaultHasher::new();
     client_id.hash(&mut h);
-    (h.finish() % cores.max(1) as u64) as usize
+    CoreId::new((h.finish() % cores.max(1) as u64) as usize)
 }
 
 impl Core {
@@ -178,7 +179,7 @@ impl Core {
         Core {
             now: wall.instant,
             wall,
-            id,
+            id: CoreId::new(id),
             settings,
             conns: Table::default(),
             sessions: Table::default(),

@@ -14,7 +14,7 @@ use crate::protocol::properties::{self, Properties};
 use crate::protocol::{reason, Ack, Packet, Publish, QoS, Utf8Bytes};
 use crate::session::{Message, MsgProps, OutFrame, Outbox};
 use crate::topic::{level_count, valid_topic_name};
-use crate::xcore::Data;
+use crate::xcore::{CoreId, Data};
 
 /// The v5 properties a message carries on: those forwarded unchanged, encoded once, and its expiry.
 /// `None` when there are none, so that a plain message allocates nothing.
@@ -229,17 +229,17 @@ impl Core {
             // Kept by every core's retained store: compact once here, not on each core.
             msg = msg.compacted();
             self.store_retained(&msg);
-            mask = all_cores_mask(self.cores()) & !(1u64 << self.id);
+            mask = all_cores_mask(self.cores()) & !(1u64 << self.id.index());
         } else {
             let me = self.id;
             for &(core, ()) in self.interest.matches_cached(msg.topic.as_str(), &mut self.interest_cache) {
                 if core != me {
-                    mask |= 1u64 << core;
+                    mask |= 1u64 << core.index();
                 }
             }
         }
         while mask != 0 {
-            let dst = mask.trailing_zeros() as usize;
+            let dst = CoreId::new(mask.trailing_zeros() as usize);
             mask &= mask - 1;
             self.mesh.stage(dst, Data::Publish(msg.clone()).into());
             if let Some(p) = &mut self.persist {
@@ -248,7 +248,7 @@ impl Core {
         }
         self.deliver_local(&msg, origin);
         // One member of each matching shared group, chosen here for the whole broker.
-        let mut picks: SmallVec<[(Arc<str>, usize); 2]> = SmallVec::new();
+        let mut picks: SmallVec<[(Arc<str>, CoreId); 2]> = SmallVec::new();
         self.shared_views.pick(msg.topic.as_str(), |g, core| picks.push((g.clone(), core)));
         for (group, core) in picks {
             if core == self.id {

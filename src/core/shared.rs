@@ -14,6 +14,7 @@
 //! sessions and the mesh.
 
 use super::keys::SessionKey;
+use crate::xcore::CoreId;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -60,7 +61,7 @@ impl GroupViews {
     /// Records what `core` announced for the group `name` (`$share/{group}/{filter}`, with `filter` its
     /// filter). A group whose members are all gone is forgotten. Returns whether the group was blocked
     /// before and is not now: held publishers may go on.
-    pub fn update(&mut self, cores: usize, core: usize, name: &Arc<str>, filter: &str, m: Members) -> bool {
+    pub fn update(&mut self, cores: usize, core: CoreId, name: &Arc<str>, filter: &str, m: Members) -> bool {
         let slot = match self.by_name.get(name) {
             Some(&slot) => slot,
             None if m.total == 0 => return false,
@@ -81,7 +82,7 @@ impl GroupViews {
         let Some(g) = self.groups.get_mut(slot) else { return false };
         let was = g.is_blocked();
         if let (Some(r), Some(o), Some(t)) =
-            (g.ready.get_mut(core), g.online.get_mut(core), g.total.get_mut(core))
+            (g.ready.get_mut(core.index()), g.online.get_mut(core.index()), g.total.get_mut(core.index()))
         {
             *r = m.ready.min(m.online);
             *o = m.online;
@@ -119,7 +120,7 @@ impl GroupViews {
     /// should deliver to it: one with ready members, in proportion to their number; if none is ready, one
     /// with online members (a QoS 0 message, or a QoS 1/2 one already past the hold); if none is online,
     /// one with members at all (their persistent sessions queue the message).
-    pub fn pick(&mut self, topic: &str, mut f: impl FnMut(&Arc<str>, usize)) {
+    pub fn pick(&mut self, topic: &str, mut f: impl FnMut(&Arc<str>, CoreId)) {
         if self.groups.is_empty() {
             return;
         }
@@ -135,12 +136,12 @@ impl GroupViews {
 
     /// [`GroupViews::pick`] for the one group `name`, never choosing core `except` (one that found no
     /// member of its own when the message arrived). Returns the core, if any has members.
-    pub fn pick_group(&mut self, name: &str, except: Option<usize>) -> Option<usize> {
+    pub fn pick_group(&mut self, name: &str, except: Option<CoreId>) -> Option<CoreId> {
         self.group_mut(name)?.pick(except, Kinds::Any)
     }
 
     /// A core other than `except` with ready members of group `name`, in proportion to their number.
-    pub fn pick_ready_elsewhere(&mut self, name: &str, except: usize) -> Option<usize> {
+    pub fn pick_ready_elsewhere(&mut self, name: &str, except: CoreId) -> Option<CoreId> {
         self.group_mut(name)?.pick(Some(except), Kinds::Ready)
     }
 
@@ -162,7 +163,8 @@ impl GroupView {
 
     /// One core, in proportion to its members of the best kind present (ready, else online, else any;
     /// only ready ones with [`Kinds::Ready`]), round robin; never `except`.
-    fn pick(&mut self, except: Option<usize>, kinds: Kinds) -> Option<usize> {
+    fn pick(&mut self, except: Option<CoreId>, kinds: Kinds) -> Option<CoreId> {
+        let except = except.map(CoreId::index);
         let count = |v: &[u32], core: usize| if Some(core) == except { 0 } else { u64::from(v[core]) };
         let sum = |v: &[u32]| (0..v.len()).map(|c| count(v, c)).sum::<u64>();
         let all = [&self.ready, &self.online, &self.total];
@@ -173,7 +175,7 @@ impl GroupView {
         for core in 0..counts.len() {
             let n = count(counts, core);
             if at < n {
-                return Some(core);
+                return Some(CoreId::new(core));
             }
             at -= n;
         }
@@ -282,6 +284,10 @@ mod tests {
     use super::*;
     use crate::core::keys::Key;
 
+    fn c(i: usize) -> CoreId {
+        CoreId::new(i)
+    }
+
     fn sk(i: usize) -> SessionKey {
         SessionKey::from_index(i)
     }
@@ -299,14 +305,14 @@ mod tests {
     fn views_pick_cores_in_proportion_to_online_members() {
         let mut v = GroupViews::default();
         let name: Arc<str> = "$share/g/a/+".into();
-        v.update(2, 0, &name, "a/+", m(1, 1, 1));
-        v.update(2, 1, &name, "a/+", m(2, 2, 3));
+        v.update(2, c(0), &name, "a/+", m(1, 1, 1));
+        v.update(2, c(1), &name, "a/+", m(2, 2, 3));
         let mut per_core = [0; 2];
         for _ in 0..300 {
             let mut n = 0;
             v.pick("a/x", |g, core| {
                 assert_eq!(&**g, "$share/g/a/+");
-                per_core[core] += 1;
+                per_core[core.index()] += 1;
                 n += 1;
             });
             assert_eq!(n, 1, "exactly one core per group and message");
@@ -316,13 +322,13 @@ mod tests {
         v.pick("b/x", |_, _| hit = true);
         assert!(!hit);
         // Nobody online: the core with (offline) members still gets it.
-        v.update(2, 0, &name, "a/+", m(0, 0, 0));
-        v.update(2, 1, &name, "a/+", m(0, 0, 3));
+        v.update(2, c(0), &name, "a/+", m(0, 0, 0));
+        v.update(2, c(1), &name, "a/+", m(0, 0, 3));
         let mut cores = Vec::new();
         v.pick("a/x", |_, c| cores.push(c));
-        assert_eq!(cores, [1]);
+        assert_eq!(cores, [c(1)]);
         // All gone: forgotten.
-        v.update(2, 1, &name, "a/+", m(0, 0, 0));
+        v.update(2, c(1), &name, "a/+", m(0, 0, 0));
         assert!(!v.any_match("a/x"));
     }
 
@@ -330,39 +336,39 @@ mod tests {
     fn a_group_whose_online_members_are_all_congested_is_blocked() {
         let mut v = GroupViews::default();
         let name: Arc<str> = "$share/g/a/#".into();
-        v.update(2, 0, &name, "a/#", m(1, 1, 1));
-        v.update(2, 1, &name, "a/#", m(0, 2, 2));
+        v.update(2, c(0), &name, "a/#", m(1, 1, 1));
+        v.update(2, c(1), &name, "a/#", m(0, 2, 2));
         assert!(!v.blocked("a/x"));
         // Only core 0's member is ready: every pick goes there.
         let mut cores = Vec::new();
         for _ in 0..4 {
             v.pick("a/x", |_, c| cores.push(c));
         }
-        assert_eq!(cores, [0, 0, 0, 0]);
+        assert_eq!(cores, [c(0); 4]);
         // Core 0's member congests too: blocked; a pick still names an online core (QoS 0).
-        assert!(!v.update(2, 0, &name, "a/#", m(0, 1, 1)));
+        assert!(!v.update(2, c(0), &name, "a/#", m(0, 1, 1)));
         assert!(v.blocked("a/x") && v.blocked("a/b/c") && !v.blocked("b"));
         // One drains: unblocked, and update says so.
-        assert!(v.update(2, 1, &name, "a/#", m(1, 2, 2)));
+        assert!(v.update(2, c(1), &name, "a/#", m(1, 2, 2)));
         assert!(!v.blocked("a/x"));
         // Every member offline: not blocked (offline sessions queue, or drop the newest, by policy).
-        v.update(2, 0, &name, "a/#", m(0, 0, 1));
-        v.update(2, 1, &name, "a/#", m(0, 0, 2));
+        v.update(2, c(0), &name, "a/#", m(0, 0, 1));
+        v.update(2, c(1), &name, "a/#", m(0, 0, 2));
         assert!(!v.blocked("a/x"));
         // A core that found no member of its own asks for another.
-        assert_eq!(v.pick_group("$share/g/a/#", Some(1)), Some(0));
+        assert_eq!(v.pick_group("$share/g/a/#", Some(c(1))), Some(c(0)));
         // Only ready members count for a core whose own members are not ready: none here.
-        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 1), None);
-        v.update(2, 0, &name, "a/#", m(1, 1, 1));
-        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 1), Some(0));
-        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", 0), None);
-        v.update(2, 0, &name, "a/#", m(0, 0, 1));
-        v.update(2, 0, &name, "a/#", m(0, 0, 0));
-        assert_eq!(v.pick_group("$share/g/a/#", Some(1)), None);
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", c(1)), None);
+        v.update(2, c(0), &name, "a/#", m(1, 1, 1));
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", c(1)), Some(c(0)));
+        assert_eq!(v.pick_ready_elsewhere("$share/g/a/#", c(0)), None);
+        v.update(2, c(0), &name, "a/#", m(0, 0, 1));
+        v.update(2, c(0), &name, "a/#", m(0, 0, 0));
+        assert_eq!(v.pick_group("$share/g/a/#", Some(c(1))), None);
         // Blocked and then forgotten: the count of blocked groups goes back to 0.
-        v.update(2, 1, &name, "a/#", m(0, 1, 1));
+        v.update(2, c(1), &name, "a/#", m(0, 1, 1));
         assert!(v.blocked("a/x"));
-        v.update(2, 1, &name, "a/#", m(0, 0, 0));
+        v.update(2, c(1), &name, "a/#", m(0, 0, 0));
         assert!(!v.blocked("a/x") && v.blocked == 0);
     }
 

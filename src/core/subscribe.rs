@@ -1,6 +1,7 @@
 //! SUBSCRIBE and UNSUBSCRIBE: one path for plain and shared filters, the interest other cores are told of, and retained messages for a new subscription.
 
 use super::keys::{ConnKey, SessionKey};
+use crate::xcore::CoreId;
 use smallvec::SmallVec;
 
 use super::{Core, Flow};
@@ -158,7 +159,7 @@ impl Core {
     }
 
     pub(super) fn broadcast_interest(&mut self, filter: &str, add: bool) {
-        for dst in 0..self.cores() {
+        for dst in CoreId::all(self.cores()) {
             if dst != self.id {
                 self.mesh.stage(dst, Control::Interest { core: self.id, filter: filter.into(), add }.into());
             }

@@ -161,7 +161,7 @@ impl World {
 
     /// The index of the core that owns `client_id`'s session.
     fn home(&self, client_id: &str) -> usize {
-        home_core(client_id, self.cores.len())
+        home_core(client_id, self.cores.len()).index()
     }
 
     /// A client id starting with `prefix` whose session lives on core `core`.

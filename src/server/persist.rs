@@ -123,6 +123,7 @@ pub fn open_store(cfg: &PersistenceConfig, threads: usize, limits: Limits) -> Re
     let mut sids = vec![0u32; threads];
     for rs in recovered.sessions {
         let core = home_core(rs.client_id.as_str(), threads);
+        let core = core.index();
         sids[core] += 1;
         per_core[core].push((rs, sids[core]));
     }
@@ -141,7 +142,7 @@ pub fn open_store(cfg: &PersistenceConfig, threads: usize, limits: Limits) -> Re
             }
         }
         for m in &recovered.retained {
-            if home_core(m.topic.as_str(), threads) == core {
+            if home_core(m.topic.as_str(), threads).index() == core {
                 records.push(Record::Retained { msg: m.clone() });
             }
         }

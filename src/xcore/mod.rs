@@ -51,7 +51,7 @@ pub enum Data {
 #[derive(Debug)]
 pub enum Control {
     /// The sending core gained its first (`add`) or lost its last subscription to `filter`.
-    Interest { core: usize, filter: Box<str>, add: bool },
+    Interest { core: CoreId, filter: Box<str>, add: bool },
     /// A session of the sending core became congested (`on`) or drained (pause policy): QoS 1/2
     /// PUBLISHes matching `filter` are held before acknowledgement while any `key` has it on.
     Congestion { key: u64, filter: Box<str>, on: bool },
@@ -60,10 +60,10 @@ pub enum Control {
     Handoff(Handoff),
     /// The sending core's members of the shared group `group` (`$share/{g}/{filter}`): how many are
     /// ready (online and not congested), how many online, how many in all.
-    Shared { core: usize, group: Arc<str>, filter: Box<str>, ready: u32, online: u32, total: u32 },
+    Shared { core: CoreId, group: Arc<str>, filter: Box<str>, ready: u32, online: u32, total: u32 },
     /// Persistence with `fsync = "always"`: the sending core's log is durable past everything the first
     /// `upto` publishes (`Data` messages) from the destination core changed.
-    Durable { core: usize, upto: u64 },
+    Durable { core: CoreId, upto: u64 },
 }
 
 impl From<Data> for XMsg {
@@ -169,9 +169,35 @@ pub struct Signal {
     pub room: Notify,
 }
 
+/// A core of this broker: its place in the mesh (0 to `threads` - 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CoreId(usize);
+
+impl CoreId {
+    pub fn new(index: usize) -> CoreId {
+        CoreId(index)
+    }
+
+    /// Its index in per-core tables.
+    pub fn index(self) -> usize {
+        self.0
+    }
+
+    /// Every core of a broker of `cores` cores.
+    pub fn all(cores: usize) -> impl Iterator<Item = CoreId> {
+        (0..cores).map(CoreId)
+    }
+}
+
+impl std::fmt::Display for CoreId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// One core's ends of the mesh.
 pub struct Mesh {
-    pub id: usize,
+    pub id: CoreId,
     producers: Vec<Option<Producer<XMsg>>>,
     consumers: Vec<Option<Consumer<XMsg>>>,
     /// Per destination: messages waiting for ring space, in order.
@@ -188,7 +214,7 @@ pub fn build_mesh(n: usize, capacity: usize) -> Vec<Mesh> {
     let signals: Arc<[Signal]> = (0..n).map(|_| Signal::default()).collect();
     let mut meshes: Vec<Mesh> = (0..n)
         .map(|id| Mesh {
-            id,
+            id: CoreId(id),
             producers: (0..n).map(|_| None).collect(),
             consumers: (0..n).map(|_| None).collect(),
             staged: (0..n).map(|_| VecDeque::new()).collect(),
@@ -218,12 +244,12 @@ impl Mesh {
     }
 
     pub fn my_signal(&self) -> &Signal {
-        &self.signals[self.id]
+        &self.signals[self.id.0]
     }
 
     /// Queues `msg` for core `dst`; it reaches the ring at the next [`Mesh::flush`].
-    pub fn stage(&mut self, dst: usize, msg: XMsg) {
-        if let Some(q) = self.staged.get_mut(dst) {
+    pub fn stage(&mut self, dst: CoreId, msg: XMsg) {
+        if let Some(q) = self.staged.get_mut(dst.0) {
             q.push_back(msg);
         }
     }
@@ -252,7 +278,7 @@ impl Mesh {
         }
         // Ask consumers to tell us when they have made room, then retry once in case they drained
         // between our push and the flag (the fence orders the flag before the re-check).
-        self.signals[self.id].blocked.store(true, Ordering::SeqCst);
+        self.signals[self.id.0].blocked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         self.push_staged()
     }
@@ -332,7 +358,7 @@ impl Mesh {
         &mut self,
         max: usize,
         out: &mut Vec<XMsg>,
-        runs: &mut Vec<(usize, usize)>,
+        runs: &mut Vec<(CoreId, usize)>,
     ) -> usize {
         let before = out.len();
         for src in 0..self.consumers.len() {
@@ -343,7 +369,7 @@ impl Mesh {
             }
             if let Ok(chunk) = c.read_chunk(n) {
                 out.extend(chunk);
-                runs.push((src, n));
+                runs.push((CoreId(src), n));
             }
             let s = &self.signals[src];
             if s.blocked.load(Ordering::SeqCst) && s.blocked.swap(false, Ordering::SeqCst) {
@@ -361,7 +387,7 @@ impl Mesh {
     /// Prepares to sleep: sets `parked`, fences, and reports whether it is safe to sleep (nothing
     /// arrived meanwhile). On false the caller drains again instead of sleeping.
     pub fn park(&self) -> bool {
-        let s = &self.signals[self.id];
+        let s = &self.signals[self.id.0];
         s.parked.store(true, Ordering::SeqCst);
         fence(Ordering::SeqCst);
         if self.has_inbound() {
@@ -379,7 +405,7 @@ mod tests {
     const CAP: usize = 4096;
 
     fn interest(core: usize, f: &str) -> XMsg {
-        XMsg::Control(Control::Interest { core, filter: f.into(), add: true })
+        XMsg::Control(Control::Interest { core: CoreId(core), filter: f.into(), add: true })
     }
 
     #[test]
@@ -388,8 +414,8 @@ mod tests {
         let (a, rest) = m.split_at_mut(1);
         let a = &mut a[0];
         for i in 0..10 {
-            a.stage(1, interest(i, "x"));
-            a.stage(2, interest(100 + i, "y"));
+            a.stage(CoreId(1), interest(i, "x"));
+            a.stage(CoreId(2), interest(100 + i, "y"));
         }
         assert!(a.flush());
         let mut out = Vec::new();
@@ -397,7 +423,7 @@ mod tests {
         let cores: Vec<usize> = out
             .iter()
             .map(|m| match m {
-                XMsg::Control(Control::Interest { core, .. }) => *core,
+                XMsg::Control(Control::Interest { core, .. }) => core.index(),
                 _ => usize::MAX,
             })
             .collect();
@@ -413,7 +439,7 @@ mod tests {
         let (a, b) = m.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut b[0]);
         for i in 0..CAP + 5 {
-            a.stage(1, interest(i, "f"));
+            a.stage(CoreId(1), interest(i, "f"));
         }
         assert!(!a.flush());
         assert!(a.is_blocked());
@@ -427,7 +453,7 @@ mod tests {
         out.clear();
         assert_eq!(b.drain(usize::MAX, &mut out), 5);
         match &out[4] {
-            XMsg::Control(Control::Interest { core, .. }) => assert_eq!(*core, CAP + 4),
+            XMsg::Control(Control::Interest { core, .. }) => assert_eq!(core.index(), CAP + 4),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -456,7 +482,7 @@ mod tests {
         let (a, b) = m.split_at_mut(1);
         let (a, b) = (&mut a[0], &mut b[0]);
         assert!(b.park());
-        a.stage(1, interest(0, "x"));
+        a.stage(CoreId(1), interest(0, "x"));
         a.flush();
         a.wake_peers();
         assert!(!b.my_signal().parked.load(Ordering::SeqCst), "producer swapped parked off");
