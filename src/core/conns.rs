@@ -21,8 +21,6 @@ pub(super) struct ConnEntry {
     pub(super) held: Option<Box<Held>>,
     /// v5 state of the connection; `None` for 3.1/3.1.1 (and before CONNECT).
     pub(super) v5: Option<Box<V5Conn>>,
-    /// Tells this connection from a later one that gets its key.
-    pub(super) serial: u64,
     /// When the connection's silence timer is armed for (see [`Core::arm_silence`]).
     pub(super) silence_at: Option<Instant>,
 }
@@ -48,7 +46,6 @@ impl Core {
     pub fn register(&mut self, ctl: Rc<ConnCtl>, now: Instant) -> ConnKey {
         self.at(now);
         self.stats.connections += 1;
-        self.conn_serial += 1;
         let key = self.conns.insert(ConnEntry {
             ctl,
             last_seen: now,
@@ -57,7 +54,6 @@ impl Core {
             will: None,
             held: None,
             v5: None,
-            serial: self.conn_serial,
             silence_at: None,
         });
         self.arm_silence(key);
@@ -150,7 +146,7 @@ impl Core {
                         (will.take(), now.checked_add(Duration::from_secs(u64::from(delay.min(sess.expiry)))))
                     {
                         sess.pending_will = Some(Box::new((*w, due)));
-                        self.timers.add(due, Due::Will { skey });
+                        self.timers.add(due, Due::Will(skey));
                     }
                 }
                 if sess.expiry == 0 {
@@ -167,7 +163,7 @@ impl Core {
                     let Some(sess) = self.sessions.get_mut(skey) else { return };
                     if sess.expiry != u32::MAX {
                         if let Some(at) = now.checked_add(Duration::from_secs(u64::from(sess.expiry))) {
-                            self.timers.add(at, Due::Expiry { skey });
+                            self.timers.add(at, Due::Expiry(skey));
                         }
                     }
                     // Offline, its queue drops the newest when full: publishers need not wait.

@@ -265,7 +265,7 @@ impl super::Core {
             if expiry != u32::MAX {
                 if let Some(at) = offline_since.checked_add(std::time::Duration::from_secs(u64::from(expiry)))
                 {
-                    self.timers.add(at, super::Due::Expiry { skey });
+                    self.timers.add(at, super::Due::Expiry(skey));
                 }
             }
         }

@@ -129,8 +129,6 @@ pub struct Core {
     verified: VerifyCache,
     /// Keep-alives, connect timeouts, session expiries and delayed wills, by deadline.
     timers: Timers,
-    /// Connections registered so far (each connection's serial tells it from a later one with its key).
-    conn_serial: u64,
     /// Congested sessions (pause policy), which the sweep checks for the slow-subscriber timeout.
     stalled: Vec<SessionKey>,
     /// Parked connections whose writer may retire (see [`ConnCtl::sweep_writer`]).
@@ -204,7 +202,6 @@ impl Core {
             trim: Trim::default(),
             verified: VerifyCache::new(VERIFY_CACHE),
             timers: Timers::default(),
-            conn_serial: 0,
             stalled: Vec::new(),
             parked_writers: Vec::new(),
             active: Vec::new(),

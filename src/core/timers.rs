@@ -19,13 +19,15 @@ use crate::protocol::reason;
 /// nothing ever has to be taken out of the heap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(super) enum Due {
-    /// The keep-alive (or, before CONNECT, the connect timeout) of connection `key`, the `serial`-th
-    /// connection of this core (a closed connection's key is reused).
-    Silence { key: ConnKey, serial: u64 },
+    /// The keep-alive (or, before CONNECT, the connect timeout) of connection `key`. The entry counts only
+    /// if the connection with that key is armed for exactly its deadline: a later connection that got the
+    /// key after a close is armed for its own deadline, and were the two equal, the entry would be right
+    /// for it too. (So no serial number: every connection and every entry stays smaller.)
+    Silence(ConnKey),
     /// The expiry of the offline session `skey`.
-    Expiry { skey: SessionKey },
+    Expiry(SessionKey),
     /// The delayed will of session `skey`.
-    Will { skey: SessionKey },
+    Will(SessionKey),
 }
 
 /// The deadlines of this core, earliest first.
@@ -37,6 +39,11 @@ pub(super) struct Timers {
 impl Timers {
     pub(super) fn add(&mut self, at: Instant, due: Due) {
         self.heap.push(Reverse((at, due)));
+    }
+
+    /// Gives back what a wave of connections left: the heap keeps its largest size otherwise.
+    pub(super) fn shrink_to_fit(&mut self) {
+        self.heap.shrink_to_fit();
     }
 
     /// The earliest entry due at `now`, if any.
@@ -71,20 +78,20 @@ impl Core {
             self.holding.shrink_to_fit();
             self.dirty.shrink_to_fit();
             self.active.shrink_to_fit();
+            self.parked_writers.shrink_to_fit();
+            self.timers.shrink_to_fit();
         }
-        if let Some(limit) = self.settings.slow_subscriber_timeout {
-            self.disconnect_stuck_subscribers(now, limit);
-        }
+        self.disconnect_stuck_subscribers(now, self.settings.slow_subscriber_timeout);
         let mut silent: SmallVec<[ConnKey; 8]> = SmallVec::new();
         while let Some((at, due)) = self.timers.pop_due(now) {
             match due {
-                Due::Silence { key, serial } => {
-                    if self.silence_due(key, serial, at, now) {
+                Due::Silence(key) => {
+                    if self.silence_due(key, at, now) {
                         silent.push(key);
                     }
                 }
-                Due::Expiry { skey } => self.expire_session(skey, at),
-                Due::Will { skey } => {
+                Due::Expiry(skey) => self.expire_session(skey, at),
+                Due::Will(skey) => {
                     let due =
                         self.sessions.get(skey).and_then(|sess| sess.pending_will.as_ref()).map(|p| p.1);
                     if due == Some(at) {
@@ -126,15 +133,15 @@ impl Core {
             return;
         }
         c.silence_at = Some(at);
-        self.timers.add(at, Due::Silence { key, serial: c.serial });
+        self.timers.add(at, Due::Silence(key));
     }
 
     /// A connection's silence timer came due: whether it has been quiet too long (otherwise it is
     /// re-armed for the deadline its last packet set).
-    fn silence_due(&mut self, key: ConnKey, serial: u64, at: Instant, now: Instant) -> bool {
+    fn silence_due(&mut self, key: ConnKey, at: Instant, now: Instant) -> bool {
         let Some(c) = self.conns.get_mut(key) else { return false };
-        if c.serial != serial || c.silence_at != Some(at) {
-            return false; // Another connection now, or a later entry replaced this one.
+        if c.silence_at != Some(at) {
+            return false; // A later entry replaced this one.
         }
         c.silence_at = None;
         let Some(timeout) = c.timeout else { return false };
@@ -164,8 +171,9 @@ impl Core {
 
     /// Pause policy: a connected subscriber whose full queue has not moved for `limit` is disconnected,
     /// so that publishers are released (its persistent session keeps what is queued). Only congested
-    /// sessions are looked at.
-    fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Duration) {
+    /// sessions are looked at; those that drained leave the list (also without a limit, so that it stays
+    /// as short as the congestion).
+    fn disconnect_stuck_subscribers(&mut self, now: Instant, limit: Option<Duration>) {
         let mut stuck: SmallVec<[ConnKey; 4]> = SmallVec::new();
         let sessions = &mut self.sessions;
         self.stalled.retain(|&skey| {
@@ -173,7 +181,8 @@ impl Core {
                 return false;
             };
             let since = *sess.stalled_since.get_or_insert(now);
-            if let (Some(conn), true) = (sess.conn, now.saturating_duration_since(since) > limit) {
+            let stuck_long = limit.is_some_and(|limit| now.saturating_duration_since(since) > limit);
+            if let (Some(conn), true) = (sess.conn, stuck_long) {
                 stuck.push(conn);
             }
             true
